@@ -1,0 +1,173 @@
+"""Prompts and demonstration trajectories for the search agent.
+
+A prompt is `<bos>Question: {question}` followed, for a closed-book baseline, by `<answer>`.
+A demonstration is what a *noisy teacher* does on a question, written in the same token stream
+the rollout produces: `<search> query </search>` (policy tokens), the environment's
+`<information> ... </information>` block built by the same in-graph retriever and block builder
+the rollout uses (environment tokens), and finally `<answer> text </answer>`.
+
+The teacher follows the ideal search plan of the question (one search per hop, then the gold
+answer) but, like a weak agent, sometimes answers from "memory": with `no_search_prob` it guesses
+an answer of the right type without searching, and on a multi-hop question it stops after each
+intermediate hop with `stop_early_prob` and guesses. A policy warm-started on these knows the
+format and how to search and copy, and inherits the teacher's bad habits, which RL can remove:
+answers it guesses are wrong almost always because the world's facts are random.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxsearch.data.world import Question, World
+from jaxsearch.types import SequenceBatch
+
+PROMPT_TEMPLATE = "Question: {question}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+  """How noisy the demonstrating teacher is.
+
+  Attributes:
+    no_search_prob: probability of answering a question at once with a guess.
+    stop_early_prob: on a multi-hop question, probability of stopping after each intermediate
+      hop and guessing the final answer.
+    seed: seeds the teacher's choices and guesses.
+  """
+
+  no_search_prob: float = 0.2
+  stop_early_prob: float = 0.6
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("no_search_prob", "stop_early_prob"):
+      v = getattr(self, name)
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"TeacherConfig.{name} must be in [0, 1], got {v}")
+
+
+def encode_prompts(
+    tokenizer: Any, questions: Sequence[Question], *, closed_book: bool = False,
+    answer_open_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenizes questions into right-padded prompts.
+
+  Args:
+    tokenizer: a `jaxsearch.data.tokenizer.Tokenizer`.
+    questions: the questions.
+    closed_book: append `<answer>` so the policy must answer without searching.
+    answer_open_id: id of `<answer>` (defaults to `tokenizer.tag_id("<answer>")`).
+
+  Returns:
+    `(prompts [N, P] int32, lengths [N] int32)`, padded with `tokenizer.pad_id`.
+  """
+  seqs = []
+  for q in questions:
+    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=q.question))]
+    if closed_book:
+      ids.append(tokenizer.tag_id("<answer>") if answer_open_id is None else answer_open_id)
+    seqs.append(ids)
+  return pad_sequences(seqs, tokenizer.pad_id)
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads id lists into `(array [N, width] int32, lengths [N] int32)`."""
+  lengths = np.array([len(s) for s in seqs], np.int32)
+  width = int(lengths.max(initial=1)) if width is None else width
+  if len(seqs) and lengths.max() > width:
+    raise ValueError(f"a sequence of {lengths.max()} tokens does not fit width {width}")
+  out = np.full((len(seqs), width), pad_id, np.int32)
+  for i, s in enumerate(seqs):
+    out[i, : len(s)] = s
+  return out, lengths
+
+
+def teacher_plan(question: Question, world: World, config: TeacherConfig,
+                 rng: np.random.Generator) -> tuple[list[str], str]:
+  """The teacher's searches and final answer for one question.
+
+  Returns:
+    `(queries, answer)`: the search queries in order (possibly fewer than the question's hops)
+    and the answer text (the gold answer after a full plan, else a guess of the right type).
+  """
+  def guess() -> str:
+    return str(rng.choice(world.answer_values(question.kind)))
+
+  if rng.random() < config.no_search_prob:
+    return [], guess()
+  queries = []
+  for hop, query in enumerate(question.search_queries):
+    queries.append(query)
+    if hop < question.hops - 1 and rng.random() < config.stop_early_prob:
+      return queries, guess()
+  return queries, question.answers[0]
+
+
+# respond_fn(list of query texts) -> list of environment blocks (token-id lists) and retrieved
+# doc-index lists, as the rollout's environment would answer them.
+RespondFn = Callable[[Sequence[str]], tuple[list[list[int]], list[list[int]]]]
+
+
+def build_demonstrations(
+    world: World,
+    questions: Sequence[Question],
+    tokenizer: Any,
+    respond_fn: RespondFn,
+    config: TeacherConfig,
+    *,
+    max_len: int,
+) -> tuple[SequenceBatch, dict[str, float]]:
+  """Builds teacher trajectories as token sequences with a loss mask on the policy's tokens.
+
+  Args:
+    world: the world (for guesses of the right answer type).
+    questions: the questions to demonstrate.
+    tokenizer: the policy's tokenizer.
+    respond_fn: answers a batch of queries exactly as the rollout's environment does.
+    config: the teacher's noise.
+    max_len: T; demonstrations longer than this raise.
+
+  Returns:
+    `(SequenceBatch(tokens [N, T], loss_mask [N, T]), stats)`, stats holding the fraction of
+    full plans, the mean number of searches and the fraction of searches whose supporting
+    document was retrieved.
+  """
+  rng = np.random.default_rng(config.seed)
+  plans = [teacher_plan(q, world, config, rng) for q in questions]
+  all_queries = [query for queries, _ in plans for query in queries]
+  blocks, retrieved = respond_fn(all_queries) if all_queries else ([], [])
+  tag = tokenizer.tag_id
+  seqs, masks, hits, full = [], [], [], 0
+  cursor = 0
+  for q, (queries, answer) in zip(questions, plans):
+    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=q.question))]
+    mask = [False] * len(ids)
+    for hop, query in enumerate(queries):
+      action = [tag("<search>"), *tokenizer.encode(query), tag("</search>")]
+      ids += action + blocks[cursor]
+      mask += [True] * len(action) + [False] * len(blocks[cursor])
+      gold = world.doc_index(q.supporting_doc_ids[hop])
+      hits.append(gold in retrieved[cursor])
+      cursor += 1
+    action = [tag("<answer>"), *tokenizer.encode(answer), tag("</answer>")]
+    ids += action
+    mask += [True] * len(action)
+    full += len(queries) == q.hops and answer == q.answers[0]
+    if len(ids) > max_len:
+      raise ValueError(f"a demonstration of question {q.qid!r} has {len(ids)} tokens, more than "
+                       f"max_len={max_len}: raise the rollout's max_len or shorten passages")
+    seqs.append(ids)
+    masks.append(mask)
+  tokens, _ = pad_sequences(seqs, tokenizer.pad_id, max_len)
+  loss_mask = np.zeros_like(tokens, dtype=bool)
+  for i, m in enumerate(masks):
+    loss_mask[i, : len(m)] = m
+  stats = {
+      "full_plan_fraction": full / max(len(questions), 1),
+      "searches_per_demo": len(all_queries) / max(len(questions), 1),
+      "teacher_retrieval_hit_rate": float(np.mean(hits)) if hits else 0.0,
+  }
+  return SequenceBatch(tokens=tokens, loss_mask=loss_mask), stats

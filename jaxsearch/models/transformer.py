@@ -1,0 +1,424 @@
+"""Decoder-only transformer of the Llama / Qwen2 family, in Flax linen.
+
+The math follows Hugging Face's `LlamaForCausalLM` / `Qwen2ForCausalLM` so that their
+checkpoints can be converted into this module's parameter tree:
+
+- RMSNorm in float32: `x * rsqrt(mean(x^2) + eps)`, cast back to the input dtype, times
+  `scale`.
+- Rotary embeddings, HF Llama convention: `inv_freq = 1 / theta^(arange(0, hd, 2) / hd)`,
+  `emb = concat([freqs, freqs])`, `q * cos + rotate_half(q) * sin` with
+  `rotate_half(x) = concat([-x2, x1])`.
+- Grouped-query attention (query head `h` reads key/value head `h // (H // Hkv)`), scale
+  `1 / sqrt(hd)`, softmax in float32; optional q/k/v bias (Qwen2).
+- SwiGLU MLP `down(silu(gate(x)) * up(x))`.
+- Output head tied to the embedding (`x @ embedding.T`) or a separate `lm_head`.
+
+Parameter tree (HF name in brackets):
+
+  embed/embedding                      [V, D]        (model.embed_tokens.weight)
+  layers_{i}/attn_norm/scale           [D]           (layers.i.input_layernorm.weight)
+  layers_{i}/attn/q_proj/kernel        [D, H, hd]    (self_attn.q_proj.weight, [H*hd, D])
+  layers_{i}/attn/q_proj/bias          [H, hd]       (self_attn.q_proj.bias, qkv_bias only)
+  layers_{i}/attn/k_proj/kernel        [D, Hkv, hd]  (self_attn.k_proj.weight)
+  layers_{i}/attn/k_proj/bias          [Hkv, hd]
+  layers_{i}/attn/v_proj/kernel        [D, Hkv, hd]  (self_attn.v_proj.weight)
+  layers_{i}/attn/v_proj/bias          [Hkv, hd]
+  layers_{i}/attn/o_proj/kernel        [H, hd, D]    (self_attn.o_proj.weight, [D, H*hd])
+  layers_{i}/mlp_norm/scale            [D]           (layers.i.post_attention_layernorm.weight)
+  layers_{i}/mlp/gate_proj/kernel      [D, F]        (mlp.gate_proj.weight, transposed)
+  layers_{i}/mlp/up_proj/kernel        [D, F]        (mlp.up_proj.weight, transposed)
+  layers_{i}/mlp/down_proj/kernel      [F, D]        (mlp.down_proj.weight, transposed)
+  final_norm/scale                     [D]           (model.norm.weight)
+  lm_head/kernel                       [D, V]        (lm_head.weight, untied only)
+
+Every parameter carries logical axis names from the vocabulary `vocab`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `norm`; activations are constrained with `batch`, `length`,
+`embed`, `mlp`, `vocab` (no-ops without a mesh and rules).
+
+Example:
+  >>> cfg = TransformerConfig(vocab_size=64, d_model=32, num_layers=2)
+  >>> model = Transformer(cfg)
+  >>> tokens = jnp.zeros((2, 8), jnp.int32)
+  >>> params = model.init(jax.random.key(0), tokens)["params"]
+  >>> logits = model.apply({"params": params}, tokens)            # [2, 8, 64] float32
+  >>> cache = init_cache(cfg, batch_size=2, max_len=16)
+  >>> logits, cache = model.apply({"params": params}, tokens, cache, jnp.int32(0),
+  ...                             method=Transformer.decode)       # prefill 8 positions
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+  """Sizes and numerics of a Llama / Qwen2-style decoder.
+
+  Attributes:
+    vocab_size: V, number of token ids.
+    d_model: D, width of the residual stream.
+    num_layers: number of decoder blocks.
+    num_heads: H, query heads.
+    num_kv_heads: Hkv, key/value heads; must divide `num_heads` (GQA; Hkv == H is MHA).
+    head_dim: hd; None means `d_model // num_heads`.
+    mlp_dim: F, hidden width of the SwiGLU MLP.
+    rope_theta: RoPE base.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: if True the output head is `x @ embedding.T` (no `lm_head`).
+    qkv_bias: if True q/k/v projections have a bias (Qwen2).
+    max_len: positions available to the KV cache when `init_cache` gets no `max_len`.
+    dtype: compute dtype name ("float32" | "bfloat16" | "float16").
+    param_dtype: parameter dtype name.
+  """
+
+  vocab_size: int
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None
+  mlp_dim: int = 512
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  max_len: int = 512
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "mlp_dim", "max_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if self.head_dim is not None and (
+        isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+        or self.head_dim <= 0):
+      raise ValueError(f"head_dim must be a positive int or None, got {self.head_dim!r}")
+    if self.head_dim is not None and self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads must be a multiple of num_kv_heads, got num_heads={self.num_heads}, "
+          f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(
+            f"d_model must be divisible by num_heads when head_dim is None, got "
+            f"d_model={self.d_model}, num_heads={self.num_heads}")
+      if (self.d_model // self.num_heads) % 2:
+        raise ValueError(
+            f"head_dim (d_model // num_heads = {self.d_model // self.num_heads}) must be even "
+            "for rotary embeddings")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      if value not in _DTYPES:
+        raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+
+  @property
+  def hd(self) -> int:
+    """Resolved head dimension."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    """`dtype` as a jnp dtype."""
+    return _DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self) -> Any:
+    """`param_dtype` as a jnp dtype."""
+    return _DTYPES[self.param_dtype]
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, head-major per layer (`[B, Hkv, S, hd]`)."""
+
+  k: jax.Array  # [L, B, Hkv, S, hd]
+  v: jax.Array  # [L, B, Hkv, S, hd]
+
+
+def init_cache(config: TransformerConfig, batch_size: int, max_len: int | None = None,
+               dtype=None) -> KVCache:
+  """An all-zeros KV cache.
+
+  Args:
+    config: the model's config.
+    batch_size: B.
+    max_len: S, positions in the cache; defaults to `config.max_len`.
+    dtype: cache dtype; defaults to the compute dtype.
+
+  Returns:
+    `KVCache` with `k`, `v` of shape [L, B, Hkv, S, hd].
+  """
+  max_len = config.max_len if max_len is None else max_len
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if max_len <= 0:
+    raise ValueError(f"max_len must be positive, got {max_len}")
+  dtype = config.compute_dtype if dtype is None else dtype
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.hd)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter tree (boxed, unboxed or abstract leaves)."""
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def _rope(positions: jax.Array, hd: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """HF Llama rotary tables: (cos, sin), each [T, hd] float32 for positions [T]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+  freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]        # [T, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)                            # [T, hd]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, H, T, hd]; cos/sin [T, hd] (already in x's dtype)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, statistics in float32 (HF `LlamaRMSNorm`)."""
+
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):  # [..., D] -> [..., D] in `dtype`
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _kernel_init(names: tuple[str, ...], in_axis=0, out_axis=-1):
+  return nn.with_logical_partitioning(
+      nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                       in_axis=in_axis, out_axis=out_axis), names)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    d, h, hkv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.hd
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+
+    def proj(heads, heads_name):
+      return nn.Einsum(
+          shape=(d, heads, hd), einsum_str="btd,dhk->bhtk", use_bias=cfg.qkv_bias,
+          kernel_init=_kernel_init(("embed", heads_name, "head_dim"), 0, (1, 2)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                 (heads_name, "head_dim")),
+          **common)
+
+    self.q_proj = proj(h, "heads")
+    self.k_proj = proj(hkv, "kv_heads")
+    self.v_proj = proj(hkv, "kv_heads")
+    self.o_proj = nn.Einsum(
+        shape=(h, hd, d), einsum_str="bhtk,hkd->btd", use_bias=False,
+        kernel_init=_kernel_init(("heads", "head_dim", "embed"), (0, 1), 2), **common)
+
+  def __call__(self, x, positions, cache: KVCache | None = None, cache_index=None,
+               layer: int = 0):
+    """Attention over the new tokens (no cache) or over the updated cache.
+
+    Args:
+      x: [B, T, D] normed inputs.
+      positions: [T] int32 absolute positions of the new tokens.
+      cache: optional full `KVCache` ([L, B, Hkv, S, hd]); the new keys/values are written at
+        `[cache_index, cache_index + T)` of layer `layer`.
+      cache_index: [] int32, first position written.
+      layer: static index of this layer in the cache.
+
+    Returns:
+      (out [B, T, D], cache or None).
+    """
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    b, t, _ = x.shape
+    hkv, groups, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.hd
+
+    q = self.q_proj(x)  # [B, H, T, hd]
+    k = self.k_proj(x)  # [B, Hkv, T, hd]
+    v = self.v_proj(x)  # [B, Hkv, T, hd]
+    q = nn.with_logical_constraint(q, ("batch", "heads", "length", "head_dim"))
+    k = nn.with_logical_constraint(k, ("batch", "kv_heads", "length", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "kv_heads", "length", "head_dim"))
+    cos, sin = _rope(positions, hd, cfg.rope_theta)
+    cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+    q = _apply_rope(q, cos, sin)
+    k = _apply_rope(k, cos, sin)
+
+    if cache is None:
+      keys, values, key_pos = k, v, positions                    # [B, Hkv, T, hd], [T]
+    else:
+      start = (layer, 0, 0, cache_index, 0)
+      cache = KVCache(
+          k=lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+          v=lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+      keys = cache.k[layer].astype(dtype)                        # [B, Hkv, S, hd]
+      values = cache.v[layer].astype(dtype)
+      key_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)       # [S]
+
+    q = q.reshape(b, hkv, groups, t, hd)                         # head h -> (h // G, h % G)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys,
+                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    mask = key_pos[None, :] <= positions[:, None]                # [T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, values).reshape(b, cfg.num_heads, t, hd)
+    return self.o_proj(out), cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    common = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    self.gate_proj = nn.Dense(cfg.mlp_dim, kernel_init=_kernel_init(("embed", "mlp")), **common)
+    self.up_proj = nn.Dense(cfg.mlp_dim, kernel_init=_kernel_init(("embed", "mlp")), **common)
+    self.down_proj = nn.Dense(cfg.d_model, kernel_init=_kernel_init(("mlp", "embed")), **common)
+
+  def __call__(self, x):  # [B, T, D] -> [B, T, D]
+    h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return self.down_proj(h)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    norm = dict(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    self.attn_norm = RMSNorm(**norm)
+    self.attn = Attention(cfg)
+    self.mlp_norm = RMSNorm(**norm)
+    self.mlp = MLP(cfg)
+
+  def __call__(self, x, positions, cache=None, cache_index=None, layer: int = 0):
+    """x [B, T, D] -> (x [B, T, D], cache); see `Attention.__call__`."""
+    h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, layer)
+    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+    x = x + self.mlp(self.mlp_norm(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, cache
+
+
+class Transformer(nn.Module):
+  """Llama / Qwen2-style causal language model.
+
+  `__call__` runs a full causal forward pass from position 0; `decode` runs T new tokens
+  against a `KVCache` (a chunked prefill when T > 1, one sampling step when T == 1). Both
+  share the same parameters and are jittable.
+
+  Example:
+    >>> model = Transformer(TransformerConfig(vocab_size=64, d_model=32, num_layers=2))
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  """
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                    ("vocab", "embed")))
+    self.layers = [Block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+    self.final_norm = RMSNorm(eps=cfg.norm_eps, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.params_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+          kernel_init=_kernel_init(("embed", "vocab")))
+
+  def _run(self, tokens, positions, cache=None, cache_index=None):
+    x = self.embed(tokens.astype(jnp.int32))                     # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    for i, layer in enumerate(self.layers):
+      x, cache = layer(x, positions, cache, cache_index, i)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ("batch", "length", "vocab"))
+    return logits, cache
+
+  def __call__(self, tokens):
+    """Causal forward pass.
+
+    Args:
+      tokens: [B, T] int32, positions 0..T-1.
+
+    Returns:
+      logits [B, T, V] float32.
+    """
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    logits, _ = self._run(tokens, positions)
+    return logits
+
+  def decode(self, tokens, cache: KVCache, cache_index):
+    """Runs T new tokens against the cache.
+
+    The keys/values of the new tokens are written at positions
+    `[cache_index, cache_index + T)`; token t (position `cache_index + t`) attends to cache
+    positions `<= cache_index + t`. The caller keeps `cache_index + T <= S`
+    (`lax.dynamic_update_slice` would clamp the write otherwise).
+
+    Args:
+      tokens: [B, T] int32.
+      cache: `KVCache`, [L, B, Hkv, S, hd] each.
+      cache_index: [] int32, same for every row; may be traced.
+
+    Returns:
+      (logits [B, T, V] float32, updated `KVCache`).
+    """
+    cfg = self.config
+    t = tokens.shape[1]
+    expected = (cfg.num_layers, tokens.shape[0], cfg.num_kv_heads, cfg.hd)
+    got = cache.k.shape[:3] + cache.k.shape[4:]
+    if cache.k.ndim != 5 or got != expected or cache.v.shape != cache.k.shape:
+      raise ValueError(
+          f"cache must have shape [L, B, Hkv, S, hd] = [{expected[0]}, {expected[1]}, "
+          f"{expected[2]}, S, {expected[3]}], got k {cache.k.shape}, v {cache.v.shape}")
+    if t > cache.k.shape[3]:
+      raise ValueError(f"{t} new tokens do not fit a cache of {cache.k.shape[3]} positions")
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    positions = cache_index + jnp.arange(t, dtype=jnp.int32)
+    return self._run(tokens, positions, cache, cache_index)
