@@ -7,11 +7,14 @@ the rollout produces: `<search> query </search>` (policy tokens), the environmen
 the rollout uses (environment tokens), and finally `<answer> text </answer>`.
 
 The teacher follows the ideal search plan of the question (one search per hop, then the gold
-answer) but, like a weak agent, sometimes answers from "memory": with `no_search_prob` it guesses
-an answer of the right type without searching, and on a multi-hop question it stops after each
-intermediate hop with `stop_early_prob` and guesses. A policy warm-started on these knows the
-format and how to search and copy, and inherits the teacher's bad habits, which RL can remove:
-answers it guesses are wrong almost always because the world's facts are random.
+answer) but has two bad habits of weak agents: with `no_search_prob` it answers at once from
+"memory" (a guess of the right type, wrong almost always because the world's facts are random),
+and on a multi-hop question it stops after an intermediate hop with `stop_early_prob` and
+answers the entity found so far (the bridge entity: the classic multi-hop error). A policy
+warm-started on these knows the format and how to search and copy, and inherits the bad habits;
+with `stop_early_prob > 0.5` stopping early is its most likely action after the first hop, so
+its greedy answers to multi-hop questions are wrong. RL can remove both habits: the reward only
+pays for the right final answer.
 """
 from __future__ import annotations
 
@@ -33,11 +36,11 @@ class TeacherConfig:
   Attributes:
     no_search_prob: probability of answering a question at once with a guess.
     stop_early_prob: on a multi-hop question, probability of stopping after each intermediate
-      hop and guessing the final answer.
+      hop and answering the bridge entity found by that hop.
     seed: seeds the teacher's choices and guesses.
   """
 
-  no_search_prob: float = 0.2
+  no_search_prob: float = 0.1
   stop_early_prob: float = 0.6
   seed: int = 0
 
@@ -91,7 +94,8 @@ def teacher_plan(question: Question, world: World, config: TeacherConfig,
 
   Returns:
     `(queries, answer)`: the search queries in order (possibly fewer than the question's hops)
-    and the answer text (the gold answer after a full plan, else a guess of the right type).
+    and the answer text: the gold answer after a full plan, the bridge entity after stopping
+    early, a guess of the right type without searching.
   """
   def guess() -> str:
     return str(rng.choice(world.answer_values(question.kind)))
@@ -102,7 +106,7 @@ def teacher_plan(question: Question, world: World, config: TeacherConfig,
   for hop, query in enumerate(question.search_queries):
     queries.append(query)
     if hop < question.hops - 1 and rng.random() < config.stop_early_prob:
-      return queries, guess()
+      return queries, question.bridge_answers[hop]
   return queries, question.answers[0]
 
 

@@ -217,7 +217,7 @@ class RMSNorm(nn.Module):
 
 def _kernel_init(names: tuple[str, ...], in_axis=0, out_axis=-1):
   return nn.with_logical_partitioning(
-      nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+      nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                        in_axis=in_axis, out_axis=out_axis), names)
 
 

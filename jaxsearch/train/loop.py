@@ -172,7 +172,8 @@ def warm_start(exp: Experiment, params, workdir, writer, first_step_done):
 def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done):
   """GRPO from `ref_params`, which also serve as the frozen KL reference; returns final params."""
   cfg, g = exp.config.rl, exp.config.rl.grpo
-  state = TrainState.create(apply_fn=exp.apply_fn, params=ref_params,
+  # A copy: the update donates the state's buffers, and the reference must survive it.
+  state = TrainState.create(apply_fn=exp.apply_fn, params=jax.tree.map(jnp.copy, ref_params),
                             tx=make_optimizer(cfg.optimizer))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
   state, _ = _restore_or(ckpt, state)

@@ -103,12 +103,11 @@ def make_sft_update_fn(apply_fn: Callable) -> Callable[[TrainState, SequenceBatc
   return update_fn
 
 
-def make_grpo_update_fn(apply_fn: Callable, config: GRPOConfig
-                        ) -> Callable[[TrainState, PolicyGradientBatch], tuple[TrainState, Metrics]]:
-  """One clipped-surrogate GRPO step with a KL penalty to the reference policy.
+def make_grpo_loss_fn(apply_fn: Callable, config: GRPOConfig):
+  """The GRPO objective as a function of the parameters.
 
   Returns:
-    `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure.
+    `loss_fn(params, batch: PolicyGradientBatch) -> (loss [], metrics)`, pure.
   """
 
   def loss_fn(params, batch: PolicyGradientBatch):
@@ -116,6 +115,18 @@ def make_grpo_update_fn(apply_fn: Callable, config: GRPOConfig
     return losses.grpo_loss(
         logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.policy_mask,
         clip_eps=config.clip_eps, kl_coef=config.kl_coef, kl_kind=config.kl_kind, agg=config.agg)
+
+  return loss_fn
+
+
+def make_grpo_update_fn(apply_fn: Callable, config: GRPOConfig
+                        ) -> Callable[[TrainState, PolicyGradientBatch], tuple[TrainState, Metrics]]:
+  """One clipped-surrogate GRPO step with a KL penalty to the reference policy.
+
+  Returns:
+    `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure.
+  """
+  loss_fn = make_grpo_loss_fn(apply_fn, config)
 
   def update_fn(state: TrainState, batch: PolicyGradientBatch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
