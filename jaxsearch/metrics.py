@@ -9,11 +9,51 @@ import jax
 import numpy as np
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 def create_writer(workdir: str):
-  """A clu writer: TensorBoard events in `workdir` on process 0, logging only elsewhere."""
+  """A clu writer: TensorBoard events and `metrics.jsonl` in `workdir` on process 0, logging
+  only elsewhere. `metrics.jsonl` holds one `{"step": s, name: value, ...}` line per write, for
+  notebooks that do not want to parse event files."""
   from clu import metric_writers  # noqa: PLC0415  (imports TensorFlow: keep it off import paths)
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                              asynchronous=False)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=False)
+  if jax.process_index() > 0:
+    return writer
+  return metric_writers.MultiWriter([writer, _jsonl_writer(os.path.join(workdir, METRICS_FILE))])
+
+
+def _jsonl_writer(path: str):
+  from clu.metric_writers import interface  # noqa: PLC0415
+
+  class JsonlWriter(interface.MetricWriter):
+    """Appends scalars as JSON lines (flushed at every write, so a killed run keeps them)."""
+
+    def write_scalars(self, step, scalars):
+      with open(path, "a") as f:
+        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def write_summaries(self, step, values, metadata=None): ...
+    def write_images(self, step, images): ...
+    def write_videos(self, step, videos): ...
+    def write_audios(self, step, audios, *, sample_rate): ...
+    def write_texts(self, step, texts): ...
+    def write_histograms(self, step, arrays, num_buckets=None): ...
+    def write_hparams(self, hparams): ...
+    def flush(self): ...
+    def close(self): ...
+
+  return JsonlWriter()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows of `workdir/metrics.jsonl` (empty if there are none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -53,6 +53,10 @@ def run(config: RunConfig, workdir: str, *,
   exp = setup(config, tokenizer=tokenizer)
   if tokenizer is None and jax.process_index() == 0:
     exp.tokenizer.save(tok_path)
+  if jax.process_index() == 0:
+    from jaxsearch.train.workdir import CONFIG_FILE, config_to_json  # noqa: PLC0415
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config_to_json(config))
   writer = metrics_lib.create_writer(workdir)
   rng = jax.random.key(config.seed)
   params, _ = exp.init_params(jax.random.fold_in(rng, 0))
