@@ -47,6 +47,7 @@ def run(config: RunConfig, workdir: str, *,
   Returns:
     The summary dict written to `workdir/summary.json`.
   """
+  t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   tok_path = os.path.join(workdir, "tokenizer.model")
   tokenizer = SentencePieceTokenizer.load(tok_path) if os.path.exists(tok_path) else None
@@ -82,6 +83,7 @@ def run(config: RunConfig, workdir: str, *,
   rl_params = train_rl(exp, sft_params, workdir, writer, first_step_done)
   summary.update(_cached_eval(exp, rl_params, questions, eval_rng, workdir, "rl", writer,
                               step=config.sft.steps + config.rl.steps))
+  summary["wall_seconds"] = time.time() - t_start   # of this invocation (a resume is shorter)
   summary["eval_split"] = config.eval_split
   summary["num_eval_questions"] = len(questions)
   metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)

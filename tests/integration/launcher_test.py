@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from absl.testing import absltest
@@ -35,7 +36,7 @@ def launch(workdir, *extra):
 class LauncherTest(absltest.TestCase):
 
   def test_smoke_run_writes_everything_and_resumes(self):
-    workdir = self.create_tempdir().full_path
+    workdir = tempfile.mkdtemp()
     out = launch(workdir)
     self.assertEqual(out.returncode, 0, out.stderr[-4000:])
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -61,10 +62,13 @@ class LauncherTest(absltest.TestCase):
     self.assertNotIn("[rl 1/3]", again.stdout)
     self.assertNotIn("[sft", again.stdout)
     with open(os.path.join(workdir, "summary.json")) as f:
-      self.assertEqual(json.load(f), summary)
+      resumed = json.load(f)
+    wall = (summary.pop("wall_seconds"), resumed.pop("wall_seconds"))
+    self.assertEqual(resumed, summary)
+    self.assertLess(wall[1], wall[0])
 
   def test_unknown_binding_is_a_clear_error(self):
-    out = launch(self.create_tempdir().full_path, "steps.GRPOConfig.num_generatons = 4")
+    out = launch(tempfile.mkdtemp(), "steps.GRPOConfig.num_generatons = 4")
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("num_generatons", out.stderr)
 
