@@ -31,12 +31,27 @@ in-graph BM25 (the same jitted scorer, called from the host on the query ids) to
 generation itself is identical, and reports both fractions of identical episodes.
 
 Timing: each implementation is called once cold (compilation included; for the host loop this
-compiles one prefill per length bucket met and the decode loop) and then `--repeats` times;
-`steady_s` is the median of the warm calls, `compile_s = first_call_s - steady_s`. Every call
+compiles one prefill per length bucket met and the decode loop) and then `--repeats` times, the
+warm calls of the two interleaved; `steady_s` is the median of the warm calls,
+`compile_s = first_call_s - steady_s`, and `host_loop_over_in_graph_time` the median over the
+warm pairs of the ratio of their times. Every call
 includes bringing the finished episodes to the host as numpy arrays. `tokens_per_s` counts all
 episode tokens (prompt, policy and environment tokens; what a trainer then scores);
 `generated_tokens_per_s` counts the policy's tokens only. Neither implementation drops finished
-rows from the batch.
+rows from the batch. `host_loop.breakdown_s` splits a warm host-loop call into device work
+(prefill + decode + copy back), host retrieval, and the rest of the host environment.
+
+What decides the result is the token mix. The one-program rollout feeds every token, forced
+ones included (the prompt and each `<information>` block), through one-token decode steps, so it
+runs about `max(lengths)` sequential steps (`sequential_decode_steps`); the host loop prefills
+forced tokens in one parallel call per turn and decodes only what the policy writes. Search
+episodes are mostly environment tokens (`mean_env_tokens_per_episode` against
+`mean_policy_tokens_per_episode`), which favours prefilling; the host loop pays instead for a
+device->host round trip, host parsing and retrieval, and a full re-prefill on every turn: it
+processes more tokens in all (every turn re-reads the conversation, padded to its bucket, and
+the prefill computes logits at every position), but in far fewer sequential steps. Where the
+device is compute-bound (a small CPU) the total work decides; where each decode step is
+latency-bound (an accelerator with a small model) the number of sequential steps does.
 
 Usage:
   python benchmarks/rollout.py [--json OUT] [--batch 64] [--repeats 3] [--smoke]
@@ -44,7 +59,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -63,12 +77,13 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jaxsearch.data import demos  # noqa: E402
 from jaxsearch.data.world import WorldConfig  # noqa: E402
-from jaxsearch.models.transformer import KVCache, Transformer, TransformerConfig, init_cache  # noqa: E402
+from jaxsearch.models.transformer import (KVCache, Transformer, TransformerConfig,  # noqa: E402
+                                          init_cache)
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn  # noqa: E402
 from jaxsearch.rewards.qa import exact_match, extract_answer  # noqa: E402
 from jaxsearch.rollout.sampling import sample_logits  # noqa: E402
 from jaxsearch.rollout.search_env import (BUDGET_MESSAGE, INVALID_SEARCH_MESSAGE,  # noqa: E402
-                                          EpisodeStatus)
+                                          EpisodeStatus, RolloutConfig)
 from jaxsearch.train.experiment import Experiment, RunConfig, passage_text, setup  # noqa: E402
 from jaxsearch.train.optim import make_optimizer  # noqa: E402
 from jaxsearch.train.state import TrainState  # noqa: E402
@@ -87,7 +102,6 @@ ROLLOUT_FIELDS = ("tokens", "policy_mask", "env_mask", "turn_ids", "lengths", "n
 
 def run_config(smoke: bool, seed: int = 0) -> RunConfig:
   """The benchmarked agent: the quickstart's tiny model and world, or a smaller one (`smoke`)."""
-  from jaxsearch.rollout.search_env import RolloutConfig  # noqa: PLC0415
   if smoke:
     world = WorldConfig(seed=seed, num_people=60, num_distractors=20, train_size=100,
                         validation_size=10, test_size=16)
@@ -129,7 +143,7 @@ def train_policy(exp: Experiment, *, steps: int, batch_size: int, num_demos: int
     epoch, pos = divmod(step * batch_size, n)
     order = np.random.default_rng([exp.config.seed, 1, epoch]).permutation(n)
     idx = np.take(order, np.arange(pos, pos + batch_size), mode="wrap")
-    width = _bucket(int(lengths[idx].max()), width_max)
+    width = _bucket(int(lengths[idx].max()), width_max, 64)  # few shapes: few compiles
     state, _ = update(state, SequenceBatch(jnp.asarray(data.tokens[idx, :width]),
                                            jnp.asarray(data.loss_mask[idx, :width])))
   return jax.block_until_ready(state.params)
@@ -176,8 +190,8 @@ class InGraphBm25Retriever:
     cfg = exp.config.rollout
     self.batch, self.lq, self.pad = batch, cfg.max_query_tokens, exp.tokenizer.pad_id
     retrieve = make_bm25_retrieve_fn(exp.model.config.vocab_size, cfg.top_k, exp.env.special_ids)
-    index = exp.tool.index
-    self._fn = jax.jit(lambda q, m: retrieve(index, q, m)[0])
+    self._index = exp.tool.index
+    self._fn = jax.jit(lambda index, q, m: retrieve(index, q, m)[0])
 
   def __call__(self, texts: Sequence[str], query_ids: Sequence[Sequence[int]]) -> np.ndarray:
     del texts
@@ -189,7 +203,7 @@ class InGraphBm25Retriever:
       chunk = np.pad(chunk, ((0, self.batch - rows), (0, 0)), constant_values=self.pad)
       lens = np.pad(qlen[start: start + self.batch], (0, self.batch - rows))
       mask = np.arange(self.lq)[None, :] < lens[:, None]
-      out.append(np.asarray(self._fn(jnp.asarray(chunk), jnp.asarray(mask)))[:rows])
+      out.append(np.asarray(self._fn(self._index, jnp.asarray(chunk), jnp.asarray(mask)))[:rows])
     return np.concatenate(out, 0) if out else np.zeros((0, 0), np.int32)
 
 
@@ -229,17 +243,18 @@ def make_generate_fn(model: Transformer, stop_ids: Sequence[int], max_len: int) 
 
   Each active row writes its greedy token at its own position `lengths[i]` and goes on until it
   emits one of `stop_ids` or reaches `max_len`; the loop ends when no row is active. Rows keep
-  their own positions: `Transformer.decode` is vmapped over rows with one cache index each.
-  Pure; the caller jits it.
+  their own positions: `Transformer.decode` is vmapped over rows with one cache index each (the
+  loop keeps the cache batch-major, `[N, L, Hkv, S, hd]`, so the vmapped decode costs about what a
+  shared-index batched decode does). Pure; the caller jits it.
   """
   stop = jnp.asarray(stop_ids, jnp.int32)
 
   def decode_row(params, tok, k, v, pos):  # tok [], k/v [L, Hkv, S, hd], pos []
-    logits, cache = model.apply({"params": params}, tok[None, None], KVCache(k[:, None], v[:, None]),
-                                pos, method=Transformer.decode)
+    logits, cache = model.apply({"params": params}, tok[None, None],
+                                KVCache(k[:, None], v[:, None]), pos, method=Transformer.decode)
     return logits[0, 0], cache.k[:, 0], cache.v[:, 0]
 
-  decode_rows = jax.vmap(decode_row, in_axes=(None, 0, 1, 1, 0), out_axes=(0, 1, 1))
+  decode_rows = jax.vmap(decode_row, in_axes=(None, 0, 0, 0, 0), out_axes=0)
 
   def generate(params, cache, logits, tokens, lengths, active) -> Turn:
     rows = jnp.arange(tokens.shape[0])
@@ -261,8 +276,8 @@ def make_generate_fn(model: Transformer, stop_ids: Sequence[int], max_len: int) 
       return dict(k=k, v=v, logits=next_logits.astype(jnp.float32), tokens=tokens, logp=logp,
                   lengths=lengths, active=still)
 
-    s = dict(k=cache.k, v=cache.v, logits=logits, tokens=tokens,
-             logp=jnp.zeros(tokens.shape, jnp.float32), lengths=lengths,
+    s = dict(k=jnp.moveaxis(cache.k, 1, 0), v=jnp.moveaxis(cache.v, 1, 0), logits=logits,
+             tokens=tokens, logp=jnp.zeros(tokens.shape, jnp.float32), lengths=lengths,
              active=active & (lengths < max_len))
     s = jax.lax.while_loop(cond, body, s)
     return Turn(tokens=s["tokens"], lengths=s["lengths"], logp=s["logp"])
@@ -270,14 +285,16 @@ def make_generate_fn(model: Transformer, stop_ids: Sequence[int], max_len: int) 
   return generate
 
 
-def make_host_loop_rollout(exp: Experiment, retriever: Callable, *,
-                           trace: list | None = None) -> Callable[..., Rollout]:
+def make_host_loop_rollout(exp: Experiment, retriever: Callable, *, trace: list | None = None,
+                           profile: dict | None = None) -> Callable[..., Rollout]:
   """The peers' rollout design: one generate call per turn, the environment on the host.
 
   Args:
     exp: the experiment (model, tokenizer, protocol tokens, rollout config, world).
     retriever: `(query texts, query ids) -> doc indices [Q, K]` on the host.
     trace: if given, `(query ids, doc ids)` of every answered search is appended to it.
+    profile: if given, seconds are added to its "generate_s" (prefill + decode + copy to the
+      host) and "retrieve_s" (query decoding + retrieval) entries.
 
   Returns:
     `rollout(params, prompts [N, P], prompt_lens [N]) -> Rollout` of numpy arrays, greedy,
@@ -287,7 +304,7 @@ def make_host_loop_rollout(exp: Experiment, retriever: Callable, *,
   T, S, K, Lq = cfg.max_len, cfg.max_searches, cfg.top_k, cfg.max_query_tokens
   prefill = jax.jit(make_prefill_fn(exp.model, T))
   generate = jax.jit(make_generate_fn(exp.model, (env.search_close, env.answer_close, env.eos,
-                                                   env.pad), T), donate_argnums=(1,))
+                                                   env.pad), T))
   special = set(env.special_ids)
   docs = exp.world.documents
 
@@ -328,12 +345,15 @@ def make_host_loop_rollout(exp: Experiment, retriever: Callable, *,
       turn += 1
       active = ~done
       # (a) Prefill the whole conversation so far (bucketed width), then decode this turn.
+      t0 = time.perf_counter()
       width = _bucket(int(lengths[active].max()), T)
       logits, cache = prefill(params, jnp.asarray(tokens[:, :width]),
                               jnp.asarray(np.clip(lengths, 1, width)))
       out = generate(params, cache, logits, jnp.asarray(tokens), jnp.asarray(lengths),
                      jnp.asarray(active))
       new_tokens, new_lengths, new_logp = (np.asarray(x) for x in out)
+      if profile is not None:
+        profile["generate_s"] = profile.get("generate_s", 0.0) + time.perf_counter() - t0
       # (b) Parse every active row's turn on the host.
       requests = []  # (row, query ids)
       for i in np.flatnonzero(active):
@@ -363,7 +383,10 @@ def make_host_loop_rollout(exp: Experiment, retriever: Callable, *,
           status[i], done[i] = EpisodeStatus.TRUNCATED, True
       # (c) Retrieve on the host (one batched call per turn), tokenize the blocks, append them.
       if requests:
+        t0 = time.perf_counter()
         doc_ids = retriever([tok.decode(q) for _, q in requests], [q for _, q in requests])
+        if profile is not None:
+          profile["retrieve_s"] = profile.get("retrieve_s", 0.0) + time.perf_counter() - t0
         for (i, query), ids in zip(requests, doc_ids):
           retrieved[i, searches[i]] = ids
           searches[i] += 1
@@ -399,16 +422,10 @@ def identical_rows(a: Rollout, b: Rollout) -> np.ndarray:
   return same
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, list[float]]:
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
   t0 = time.perf_counter()
   out = fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return out, first, times
+  return out, time.perf_counter() - t0
 
 
 def _speed(first: float, times: list[float], rollout: Rollout) -> dict[str, float]:
@@ -433,8 +450,11 @@ def _episode_stats(rollout: Rollout, prompt_lens, questions, tokenizer) -> dict[
       "mean_episode_length": float(r.lengths.mean()),
       "mean_searches_per_episode": float(r.num_searches.mean()),
       "mean_invalid_searches_per_episode": float(r.invalid_searches.mean()),
+      "mean_policy_tokens_per_episode": float(r.policy_mask.sum(axis=1).mean()),
+      "mean_env_tokens_per_episode": float(r.env_mask.sum(axis=1).mean()),
       "answered_fraction": float(np.mean(r.status == EpisodeStatus.ANSWERED)),
-      "exact_match": float(np.mean([exact_match(a, q.answers) for a, q in zip(answers, questions)])),
+      "exact_match": float(np.mean([exact_match(a, q.answers)
+                                    for a, q in zip(answers, questions)])),
   }
 
 
@@ -470,19 +490,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
   words = Bm25sWordRetriever([passage_text(d) for d in exp.world.documents], k)
   trace: list = []
-  host = make_host_loop_rollout(exp, words, trace=trace)
+  profile: dict = {}
+  host = make_host_loop_rollout(exp, words, trace=trace, profile=profile)
   host_same = make_host_loop_rollout(exp, InGraphBm25Retriever(exp, args.batch))
 
-  ref, first, times = _timed(in_graph, args.repeats)
-  in_graph_speed = _speed(first, times, ref)
-  trace.clear()
-  base, first, times = _timed(lambda: host(params, prompts, prompt_lens), args.repeats)
-  host_speed = _speed(first, times, base)
+  def host_loop():
+    return host(params, prompts, prompt_lens)
+
+  # Cold calls (compilation), then warm calls interleaved A, B, A, B, ... so that a change in
+  # the machine's load hits both implementations alike.
+  ref, in_graph_first = _timed(in_graph)
+  base, host_first = _timed(host_loop)
+  queries = list(trace)                                  # the cold call's searches
+  profile.clear()                                        # keep the warm calls only
+  in_graph_times, host_times = [], []
+  for _ in range(args.repeats):
+    in_graph_times.append(_timed(in_graph)[1])
+    host_times.append(_timed(host_loop)[1])
+  in_graph_speed = _speed(in_graph_first, in_graph_times, ref)
+  host_speed = _speed(host_first, host_times, base)
+  # Where a warm host-loop call spends its time (means over the warm calls).
+  breakdown = {k: v / args.repeats for k, v in sorted(profile.items())}
+  breakdown["host_other_s"] = statistics.mean(host_times) - sum(breakdown.values())
   turns = int(base.turn_ids.max())
-  queries = trace[: int(np.sum(base.num_searches))]   # the first (cold) call's searches
-  t0 = time.perf_counter()
   same = host_same(params, prompts, prompt_lens)
-  host_same_s = time.perf_counter() - t0
 
   identical = identical_rows(base, ref)
   identical_same = identical_rows(same, ref)
@@ -508,13 +539,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       "repeats": args.repeats,
       "mean_episode_length": stats["mean_episode_length"],
       "mean_searches_per_episode": stats["mean_searches_per_episode"],
-      "in_graph": {**in_graph_speed, **stats},
+      # The one-program loop advances every row one token per step (prompt and information
+      # blocks included) until the longest episode ends.
+      "in_graph": {**in_graph_speed, **stats, "sequential_decode_steps": int(ref.lengths.max())},
       "host_loop": {**host_speed, **_episode_stats(base, prompt_lens, questions, exp.tokenizer),
-                    "generate_calls_per_batch": turns, "retriever": "bm25s over words"},
-      "host_loop_over_in_graph_time": host_speed["steady_s"] / in_graph_speed["steady_s"],
+                    "generate_calls_per_batch": turns, "retriever": "bm25s over words",
+                    # One-token decode steps in a row: per turn, the longest generation.
+                    "sequential_decode_steps": int(sum(
+                        np.max(np.sum(base.policy_mask & (base.turn_ids == t), axis=1))
+                        for t in range(1, turns + 1))),
+                    "breakdown_s": breakdown},
+      # Median over the interleaved warm pairs of host-loop time / in-graph time.
+      "host_loop_over_in_graph_time": statistics.median(
+          h / g for h, g in zip(host_times, in_graph_times)),
       "identical_fraction": float(identical.mean()),
       "identical_fraction_same_retriever": float(identical_same.mean()),
-      "same_retriever_s": host_same_s,
       "max_logp_diff_same_retriever": logp_diff,
       "retrieval_agreement": float(np.mean(agree)) if agree else None,
       "retrieval_top1_agreement": float(np.mean(top1)) if top1 else None,
@@ -543,13 +582,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--batch", type=int, default=None, help="episodes per batch (64; smoke 16)")
   parser.add_argument("--repeats", type=int, default=None, help="timed warm calls (3; smoke 1)")
   parser.add_argument("--smoke", action="store_true", help="tiny world and model, for tests")
-  parser.add_argument("--sft_steps", type=int, default=None, help="warm-start steps (300; smoke 80)")
+  parser.add_argument("--sft_steps", type=int, default=None,
+                      help="warm-start steps (300; smoke 80)")
   parser.add_argument("--sft_batch", type=int, default=None)
   parser.add_argument("--sft_demos", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   defaults = dict(batch=16, repeats=1, sft_steps=80, sft_batch=16, sft_demos=200) if args.smoke \
-      else dict(batch=64, repeats=3, sft_steps=300, sft_batch=32, sft_demos=2000)
+      else dict(batch=64, repeats=3, sft_steps=300, sft_batch=16, sft_demos=2000)
   for name, value in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, value)

@@ -118,8 +118,9 @@ class QuickstartNotebookTest(absltest.TestCase):
     rows = {line.split("  ")[0]: line for line in table.splitlines()}
     for label, prefix in (("closed book (no search)", "closed_book"), ("warm start (SFT)", "sft"),
                           ("SFT + GRPO", "rl")):
-      em, f1 = f"{summary[f'{prefix}_em']:.3f}", f"{summary[f'{prefix}_f1']:.3f}"
-      self.assertRegex(rows[label], rf"^{re.escape(label)}\s+{re.escape(em)}\s+{re.escape(f1)}\s")
+      values = [f"{summary[f'{prefix}_{k}']:.3f}"
+                for k in ("em", "f1", "searches", "support_recall", "format")]
+      self.assertEqual(rows[label].split()[-5:], values, rows[label])
     self.assertIn(f"test split: {summary['num_eval_questions']} questions", table)
 
     # One test episode with its search calls and the environment's passages.

@@ -23,6 +23,7 @@ from jaxsearch.retrieval.tool import SearchTool, build_search_tool, make_bm25_re
 from jaxsearch.rewards.combine import weighted_rewards
 from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
 from jaxsearch.train.optim import OptimizerConfig
+from jaxsearch.train.sharding import MeshConfig
 from jaxsearch.train.steps import GRPOConfig
 from jaxsearch.types import PyTree
 
@@ -91,6 +92,7 @@ class RunConfig:
     checkpoint_every: save a checkpoint every this many steps of each phase (and at its end).
     sft: warm-start settings.
     rl: RL settings.
+    mesh: the device mesh (default: data parallel over every device).
   """
 
   seed: int = 0
@@ -106,6 +108,7 @@ class RunConfig:
   checkpoint_every: int = 100
   sft: SFTConfig = SFTConfig()
   rl: RLConfig = RLConfig()
+  mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
     if self.eval_split not in ("train", "validation", "test"):

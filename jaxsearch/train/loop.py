@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import linen as nn
 
 from jaxsearch import losses, metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
@@ -25,6 +26,7 @@ from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.train import evaluate as eval_lib
 from jaxsearch.train.experiment import Experiment, RunConfig, setup
+from jaxsearch.train import sharding
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (PolicyGradientBatch, make_grpo_update_fn, make_sft_update_fn,
@@ -58,10 +60,23 @@ def run(config: RunConfig, workdir: str, *,
     from jaxsearch.train.workdir import CONFIG_FILE, config_to_json  # noqa: PLC0415
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config_to_json(config))
+  mesh = sharding.make_mesh(config.mesh)
+  for rows, what in ((config.sft.batch_size, "SFTConfig.batch_size"),
+                     (config.rl.grpo.rows, "GRPOConfig.prompts_per_step * num_generations"),
+                     (config.eval_batch_size, "RunConfig.eval_batch_size")):
+    sharding.check_batch(rows, mesh, what)
+  # Initialised outside the mesh context: the init batch of one row cannot be split.
+  params, specs = exp.init_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    params = jax.device_put(params, sharding.param_shardings(specs, mesh))
+    return _run(exp, config, workdir, mesh, params, t_start, after_first_step)
+
+
+def _run(exp, config, workdir, mesh, params, t_start, after_first_step):
   writer = metrics_lib.create_writer(workdir)
   rng = jax.random.key(config.seed)
-  params, _ = exp.init_params(jax.random.fold_in(rng, 0))
-  logging.info("policy parameters: %d", sum(x.size for x in jax.tree.leaves(params)))
+  logging.info("mesh %s; policy parameters: %d", dict(mesh.shape),
+               sum(x.size for x in jax.tree.leaves(params)))
 
   callback = [after_first_step]
 
@@ -71,7 +86,7 @@ def run(config: RunConfig, workdir: str, *,
       callback[0] = None
 
   # 1. Warm start.
-  sft_params = warm_start(exp, params, workdir, writer, first_step_done)
+  sft_params = warm_start(exp, params, workdir, writer, first_step_done, mesh)
   # 2. Baselines on the held-out split, with the warm-started policy.
   questions = exp.world.splits[config.eval_split]
   eval_rng = jax.random.fold_in(rng, 2)
@@ -80,7 +95,7 @@ def run(config: RunConfig, workdir: str, *,
     summary.update(_cached_eval(exp, sft_params, questions, eval_rng, workdir, name, writer,
                                 step=config.sft.steps, **kwargs))
   # 3. GRPO from the warm start, with the warm start as the KL reference.
-  rl_params = train_rl(exp, sft_params, workdir, writer, first_step_done)
+  rl_params = train_rl(exp, sft_params, workdir, writer, first_step_done, mesh)
   summary.update(_cached_eval(exp, rl_params, questions, eval_rng, workdir, "rl", writer,
                               step=config.sft.steps + config.rl.steps))
   summary["wall_seconds"] = time.time() - t_start   # of this invocation (a resume is shorter)
@@ -125,7 +140,7 @@ def _restore_or(ckpt: Checkpointer, state: TrainState):
   return state.replace(**tree), meta
 
 
-def warm_start(exp: Experiment, params, workdir, writer, first_step_done):
+def warm_start(exp: Experiment, params, workdir, writer, first_step_done, mesh):
   """Supervised fine-tuning on the noisy teacher's demonstrations; returns the final params."""
   cfg = exp.config.sft
   state = TrainState.create(apply_fn=exp.apply_fn, params=params, tx=make_optimizer(cfg.optimizer))
@@ -150,8 +165,8 @@ def warm_start(exp: Experiment, params, workdir, writer, first_step_done):
     order = np.random.default_rng([exp.config.seed, 1, epoch]).permutation(n)
     idx = np.take(order, np.arange(pos, pos + cfg.batch_size), mode="wrap")
     width = bucket_width(int(lengths[idx].max()), data.tokens.shape[1])
-    batch = SequenceBatch(jnp.asarray(data.tokens[idx, :width]),
-                          jnp.asarray(data.loss_mask[idx, :width]))
+    batch = sharding.shard_batch(
+        SequenceBatch(data.tokens[idx, :width], data.loss_mask[idx, :width]), mesh)
     state, m = update(state, batch)
     tokens_seen += batch.tokens.size
     if step == start:
@@ -175,7 +190,7 @@ def warm_start(exp: Experiment, params, workdir, writer, first_step_done):
   return state.params
 
 
-def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done):
+def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh):
   """GRPO from `ref_params`, which also serve as the frozen KL reference; returns final params."""
   cfg, g = exp.config.rl, exp.config.rl.grpo
   # A copy: the update donates the state's buffers, and the reference must survive it.
@@ -198,18 +213,20 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done):
     prompts, lens = exp.encode_prompts(qs)
     prompts, lens = np.repeat(prompts, g.num_generations, 0), np.repeat(lens, g.num_generations)
     rows_qs = [q for q in qs for _ in range(g.num_generations)]
-    rollout = exp.train_rollout_fn(state.params, exp.tool, prompts, lens,
+    rollout = exp.train_rollout_fn(state.params, exp.tool,
+                                   *sharding.shard_batch((prompts, lens), mesh),
                                    jax.random.fold_in(rng, step))
     scored = eval_lib.score_rollout(rollout, lens, [q.answers for q in rows_qs], exp.tokenizer,
                                     exp.reward_fn)
     t_rollout = time.time() - t0
     width = bucket_width(int(scored.rollout.lengths.max()), scored.rollout.tokens.shape[1])
-    tokens = jnp.asarray(scored.rollout.tokens[:, :width])
+    tokens = sharding.shard_batch(scored.rollout.tokens[:, :width], mesh)
     ref_logp = logprob_fn(ref_params, tokens) if g.kl_coef else jnp.zeros(tokens.shape)
     old_logp = logprob_fn(state.params, tokens) if g.updates_per_batch > 1 else None
     batch = PolicyGradientBatch(
-        tokens=tokens, policy_mask=jnp.asarray(scored.rollout.policy_mask[:, :width]),
-        advantages=adv_fn(jnp.asarray(scored.rewards), jnp.asarray(group_ids)),
+        tokens=tokens,
+        policy_mask=sharding.shard_batch(scored.rollout.policy_mask[:, :width], mesh),
+        advantages=adv_fn(*sharding.shard_batch((scored.rewards, group_ids), mesh)),
         old_logp=old_logp, ref_logp=ref_logp)
     for _ in range(g.updates_per_batch):
       state, m = update(state, batch)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 from absl.testing import absltest
+
+from jaxsearch import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -24,10 +27,12 @@ TINY = [
 ]
 
 
-def launch(workdir, *extra):
+def launch(workdir, *extra, gin_files=(), devices=1):
   cmd = [sys.executable, "-m", "experiments.run", "--gin_file=gin/experiments/quickstart.gin",
+         *(f"--gin_file={f}" for f in gin_files),
          f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in (*TINY, *extra))]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="3")
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                         stdin=subprocess.DEVNULL)
 
@@ -66,6 +71,19 @@ class LauncherTest(absltest.TestCase):
     wall = (summary.pop("wall_seconds"), resumed.pop("wall_seconds"))
     self.assertEqual(resumed, summary)
     self.assertLess(wall[1], wall[0])
+
+  def test_run_on_a_2x2x2_mesh_matches_one_device(self):
+    one, eight = tempfile.mkdtemp(), tempfile.mkdtemp()
+    for workdir, kwargs in ((one, {}), (eight, dict(gin_files=["gin/mesh/cpu8_2x2x2.gin"],
+                                                     devices=8))):
+      out = launch(workdir, "RL_STEPS = 1", **kwargs)
+      self.assertEqual(out.returncode, 0, out.stderr[-4000:])
+    # The loop logs the mesh it built: 8 devices as 2 x 2 x 2.
+    self.assertIn("mesh {'data': 2, 'fsdp': 2, 'tensor': 2}", out.stderr)
+    losses = [[r["sft/loss"] for r in metrics_lib.read_metrics(w) if "sft/loss" in r]
+              for w in (one, eight)]
+    self.assertNotEmpty(losses[0])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
 
   def test_unknown_binding_is_a_clear_error(self):
     out = launch(tempfile.mkdtemp(), "steps.GRPOConfig.num_generatons = 4")
