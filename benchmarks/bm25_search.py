@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jaxsearch.metrics import write_json  # noqa: E402
 from jaxsearch.retrieval import bm25  # noqa: E402
 
 PAD = 0
@@ -146,11 +147,9 @@ def main(argv=None) -> dict:
       "bm25s_version": bm25s.__version__,
       "results": [bench_size(m, args) for m in args.sizes],
   }
-  text = json.dumps(result, indent=2)
-  print(text)
+  print(json.dumps(result, indent=2, sort_keys=True))
   if args.json:
-    with open(args.json, "w") as f:
-      f.write(text + "\n")
+    write_json(args.json, result)
   return result
 
 

@@ -75,6 +75,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from jaxsearch.metrics import write_json  # noqa: E402
 from jaxsearch.data import demos  # noqa: E402
 from jaxsearch.data.world import WorldConfig  # noqa: E402
 from jaxsearch.models.transformer import (KVCache, Transformer, TransformerConfig,  # noqa: E402
@@ -600,11 +601,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.error(f"--sft_steps must be >= 0, got {args.sft_steps}")
 
   result = run_benchmark(args)
-  text = json.dumps(result, indent=2)
-  print(text)
+  print(json.dumps(result, indent=2, sort_keys=True))
   if args.json:
-    with open(args.json, "w") as f:
-      f.write(text + "\n")
+    write_json(args.json, result)
   return result
 
 
