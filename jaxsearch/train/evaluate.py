@@ -101,7 +101,6 @@ def evaluate(exp, params: PyTree, questions: Sequence[Question], rng: jax.Array,
                            exp.reward_fn)
     scored_parts.append(scored)
     metrics_rows.append((n, episode_metrics(scored, chunk, exp.world)))
-  total = sum(n for n, _ in metrics_rows)
   keys = set().union(*(m.keys() for _, m in metrics_rows))
   metrics = {}
   for k in keys:
@@ -112,7 +111,6 @@ def evaluate(exp, params: PyTree, questions: Sequence[Question], rng: jax.Array,
       completions=[c for s in scored_parts for c in s.completions],
       rewards=np.concatenate([s.rewards for s in scored_parts]),
       parts={k: np.concatenate([s.parts[k] for s in scored_parts]) for k in scored_parts[0].parts})
-  del total
   return metrics, merged
 
 
