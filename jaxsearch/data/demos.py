@@ -41,7 +41,7 @@ class TeacherConfig:
   """
 
   no_search_prob: float = 0.1
-  stop_early_prob: float = 0.6
+  stop_early_prob: float = 0.8
   seed: int = 0
 
   def __post_init__(self):

@@ -9,9 +9,10 @@ answers within minutes on a CPU.
 Entities and their passages:
 
   country  "{country} is a country. Its capital is {city}."
-  city     "{city} is a city in {country}."
+  city     "{city} is a city in the country {country}."
   company  "{company} is a {industry} company based in {city}."
-  person   "{person} is a {occupation} who was born in {city} and works for {company}."
+  person   "{person} was born in {city}, works for {company}, and their occupation is
+           {occupation}."
   distractor  templated sentences that mention entities but state none of the facts above.
 
 Question kinds (the subject is a person, company or city; subjects are split between
@@ -63,10 +64,12 @@ COMPANY_SUFFIXES = ("Works", "Labs", "Group", "Systems", "Industries", "Holdings
 
 # Passage templates. Only these state facts; distractors must not contain their phrasing.
 COUNTRY_TEMPLATE = "{country} is a country. Its capital is {capital}."
-CITY_TEMPLATE = "{city} is a city in {country}."
+CITY_TEMPLATE = "{city} is a city in the country {country}."
 COMPANY_TEMPLATE = "{company} is {article} {industry} company based in {city}."
-PERSON_TEMPLATE = ("{person} is {article} {occupation} who was born in {city} and works for "
-                   "{company}.")
+# The person template names each asked relation with the question's own word ("born",
+# "works for", "occupation"), so an agent can find the answer by matching the question.
+PERSON_TEMPLATE = ("{person} was born in {city}, works for {company}, and their occupation is "
+                   "{occupation}.")
 
 # (title template, text template). Fields: p1, p2 (people), city, country, company.
 DISTRACTOR_TEMPLATES = (
@@ -498,7 +501,7 @@ def build_world(config: WorldConfig) -> World:
         city=cities[c.city].name)))
   for i, p in enumerate(people):
     docs.append(Document(f"person-{i:04d}", p.name, PERSON_TEMPLATE.format(
-        person=p.name, article=_article(p.occupation), occupation=p.occupation,
+        person=p.name, occupation=p.occupation,
         city=cities[p.birth_city].name, company=companies[p.employer].name)))
   for i in range(config.num_distractors):
     title, text = DISTRACTOR_TEMPLATES[distractor_rng.integers(len(DISTRACTOR_TEMPLATES))]

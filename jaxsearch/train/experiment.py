@@ -97,8 +97,8 @@ class RunConfig:
 
   seed: int = 0
   world: WorldConfig = WorldConfig()
-  tokenizer_vocab_size: int = 768
-  model: TransformerConfig = TransformerConfig(vocab_size=768)
+  tokenizer_vocab_size: int = 1024
+  model: TransformerConfig = TransformerConfig(vocab_size=1024)
   bm25: BM25Config = BM25Config()
   rollout: RolloutConfig = RolloutConfig()
   eval_temperature: float = 0.0

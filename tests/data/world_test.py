@@ -17,10 +17,11 @@ SMALL = dict(num_people=60, num_cities=12, num_countries=5, num_companies=10,
              num_distractors=30, train_size=150, validation_size=30, test_size=30)
 
 # Parsers of the passages, written independently of the generator's templates.
-PERSON_RE = re.compile(r"^(?P<name>[A-Z][a-z]+ [A-Z][a-z]+) is an? (?P<occ>[a-z]+) who was "
-                       r"born in (?P<city>[A-Z][a-z]+) and works for "
-                       r"(?P<company>[A-Z][a-z]+ [A-Z][a-z]+)\.$")
-CITY_RE = re.compile(r"^(?P<name>[A-Z][a-z]+) is a city in (?P<country>[A-Z][a-z]+)\.$")
+PERSON_RE = re.compile(r"^(?P<name>[A-Z][a-z]+ [A-Z][a-z]+) was born in (?P<city>[A-Z][a-z]+), "
+                       r"works for (?P<company>[A-Z][a-z]+ [A-Z][a-z]+), and their occupation is "
+                       r"(?P<occ>[a-z]+)\.$")
+CITY_RE = re.compile(r"^(?P<name>[A-Z][a-z]+) is a city in the country "
+                     r"(?P<country>[A-Z][a-z]+)\.$")
 COMPANY_RE = re.compile(r"^(?P<name>[A-Z][a-z]+ [A-Z][a-z]+) is an? (?P<industry>[a-z]+) "
                         r"company based in (?P<city>[A-Z][a-z]+)\.$")
 COUNTRY_RE = re.compile(r"^(?P<name>[A-Z][a-z]+) is a country\. Its capital is "
