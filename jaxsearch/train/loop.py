@@ -144,7 +144,8 @@ def _restore_or(ckpt: Checkpointer, state: TrainState):
 def warm_start(exp: Experiment, params, workdir, writer, first_step_done, mesh):
   """Supervised fine-tuning on the noisy teacher's demonstrations; returns the final params."""
   cfg = exp.config.sft
-  state = TrainState.create(apply_fn=exp.apply_fn, params=params, tx=make_optimizer(cfg.optimizer))
+  state = TrainState.create(apply_fn=exp.apply_fn, params=params,
+                            tx=make_optimizer(cfg.optimizer, cfg.steps))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "sft"))
   state, _ = _restore_or(ckpt, state)
   start = int(state.step)
@@ -194,7 +195,7 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
   cfg, g = exp.config.rl, exp.config.rl.grpo
   # A copy: the update donates the state's buffers, and the reference must survive it.
   state = TrainState.create(apply_fn=exp.apply_fn, params=jax.tree.map(jnp.copy, ref_params),
-                            tx=make_optimizer(cfg.optimizer))
+                            tx=make_optimizer(cfg.optimizer, cfg.steps))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
   state, _ = _restore_or(ckpt, state)
   start = int(state.step)

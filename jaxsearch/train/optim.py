@@ -13,7 +13,8 @@ class OptimizerConfig:
   Attributes:
     learning_rate: peak learning rate.
     warmup_steps: linear warm-up from 0 to the peak.
-    decay_steps: steps of cosine decay after warm-up (0: constant after warm-up).
+    decay_steps: steps of cosine decay after warm-up (0: constant after warm-up; -1: until the
+      end of the phase, which `make_optimizer` must then be told).
     end_lr_fraction: the cosine schedule ends at `learning_rate * end_lr_fraction`.
     weight_decay: decoupled weight decay.
     b1, b2, eps: Adam moments.
@@ -33,18 +34,25 @@ class OptimizerConfig:
   def __post_init__(self):
     if not self.learning_rate > 0:
       raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
-    for name in ("warmup_steps", "decay_steps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"OptimizerConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.decay_steps < -1:
+      raise ValueError(f"OptimizerConfig.decay_steps must be >= -1, got {self.decay_steps}")
     if self.grad_clip < 0:
       raise ValueError(f"OptimizerConfig.grad_clip must be >= 0, got {self.grad_clip}")
 
 
-def make_schedule(config: OptimizerConfig) -> optax.Schedule:
+def make_schedule(config: OptimizerConfig, total_steps: int | None = None) -> optax.Schedule:
   """Linear warm-up, then cosine decay over `decay_steps` (or constant)."""
   warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-  if config.decay_steps:
-    after = optax.cosine_decay_schedule(config.learning_rate, config.decay_steps,
+  decay_steps = config.decay_steps
+  if decay_steps == -1:
+    if total_steps is None:
+      raise ValueError("OptimizerConfig.decay_steps=-1 decays until the end of the phase: pass "
+                       "total_steps to make_optimizer")
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+  if decay_steps:
+    after = optax.cosine_decay_schedule(config.learning_rate, decay_steps,
                                         alpha=config.end_lr_fraction)
   else:
     after = optax.constant_schedule(config.learning_rate)
@@ -53,13 +61,18 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [config.warmup_steps])
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, total_steps: int | None = None
+                   ) -> optax.GradientTransformation:
   """AdamW with the schedule above, after global-norm clipping.
+
+  Args:
+    config: the settings.
+    total_steps: the phase's length, needed when `config.decay_steps == -1`.
 
   Example:
     >>> tx = make_optimizer(OptimizerConfig(learning_rate=3e-4, warmup_steps=10))
   """
   parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
-  parts.append(optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+  parts.append(optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
   return optax.chain(*parts)

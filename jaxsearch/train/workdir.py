@@ -71,8 +71,9 @@ def load_params(exp: Experiment, workdir: str, phase: str = "rl", step: int | No
   if step is None:
     raise FileNotFoundError(f"no {phase} checkpoint in {workdir}")
   params, _ = exp.init_params(jax.random.key(0))
-  opt = exp.config.sft.optimizer if phase == "sft" else exp.config.rl.optimizer
-  target = {"params": params, "opt_state": make_optimizer(opt).init(params),
+  phase_config = exp.config.sft if phase == "sft" else exp.config.rl
+  tx = make_optimizer(phase_config.optimizer, phase_config.steps)
+  target = {"params": params, "opt_state": tx.init(params),
             "step": jnp.zeros([], jnp.int32)}
   tree, _ = ckpt.restore(step, jax.eval_shape(lambda: target))
   ckpt.close()
