@@ -40,7 +40,7 @@ class SFTConfig:
     optimizer: optimizer settings.
   """
 
-  steps: int = 300
+  steps: int = 800
   batch_size: int = 32
   num_demos: int = 2000
   teacher: demos.TeacherConfig = demos.TeacherConfig()
@@ -63,7 +63,7 @@ class RLConfig:
     reward_weights: reward name -> weight (names from `jaxsearch.rewards.REWARDS`).
   """
 
-  steps: int = 100
+  steps: int = 150
   grpo: GRPOConfig = GRPOConfig()
   optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=5)
   reward_weights: Mapping[str, float] = dataclasses.field(
