@@ -6,8 +6,7 @@ inspection tools build exactly the same agent from a workdir's saved configurati
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,8 @@ from jaxsearch.models.transformer import Transformer, TransformerConfig, init_ca
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.tool import SearchTool, build_search_tool, make_bm25_retrieve_fn
 from jaxsearch.rewards.combine import weighted_rewards
-from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
+from jaxsearch.rollout.search_env import (EnvTokens, RolloutConfig, block_width,
+                                          information_block, make_rollout_fn)
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.sharding import MeshConfig
 from jaxsearch.train.steps import GRPOConfig
@@ -132,6 +132,7 @@ class Experiment:
   train_rollout_fn: Callable              # jitted (params, tool_index, corpus, prompts, lens, rng)
   eval_rollout_fn: Callable
   reward_fn: Callable                     # (completions, golds) -> (total [N], parts)
+  respond_fn: Callable                    # jitted (tool, query tokens, mask) -> (ids, block, len)
 
   def init_params(self, rng: jax.Array) -> tuple[PyTree, PyTree]:
     """Returns `(params, logical_specs)`: plain parameters and their logical axis names."""
@@ -150,31 +151,19 @@ class Experiment:
     return np.pad(prompts, ((0, 0), (0, self.prompt_width - prompts.shape[1])),
                   constant_values=self.tokenizer.pad_id), lens
 
-  def respond(self, queries) -> tuple[list[list[int]], list[list[int]]]:
-    """Answers query texts exactly as the rollout's environment does (for demonstrations)."""
-    from jaxsearch.rollout.search_env import block_width, information_block  # noqa: PLC0415
-    k, lq = self.config.rollout.top_k, self.config.rollout.max_query_tokens
+  def respond(self, queries: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Answers query texts exactly as the rollout's environment does (for demonstrations).
+
+    Returns:
+      `(blocks, doc_ids)`: per query, the `<information>` block's token ids and the retrieved
+      document indices.
+    """
+    lq = self.config.rollout.max_query_tokens
     encoded = [self.tokenizer.encode(q)[:lq] for q in queries]
     qtok, qlen = demos.pad_sequences(encoded, self.tokenizer.pad_id, lq)
     qmask = np.arange(lq)[None, :] < qlen[:, None]
-    width = block_width(self.tool.corpus.tokens.shape[1], k, self.env)
-    ids, block, blen = _respond_jit(self, width)(self.tool, jnp.asarray(qtok), jnp.asarray(qmask))
-    ids, block, blen = np.asarray(ids), np.asarray(block), np.asarray(blen)
+    ids, block, blen = jax.tree.map(np.asarray, self.respond_fn(self.tool, qtok, qmask))
     return [block[i, : blen[i]].tolist() for i in range(len(queries))], ids.tolist()
-
-
-def _respond_jit(exp: Experiment, width: int):
-  from jaxsearch.rollout.search_env import information_block  # noqa: PLC0415
-  retrieve = make_bm25_retrieve_fn(exp.model.config.vocab_size, exp.config.rollout.top_k,
-                                   exp.env.special_ids)
-
-  @jax.jit
-  def fn(tool, qtok, qmask):
-    ids, _ = retrieve(tool.index, qtok, qmask)
-    block, blen = information_block(tool.corpus, ids, exp.env, width)
-    return ids, block, blen
-
-  return fn
 
 
 def passage_text(doc) -> str:
@@ -225,6 +214,14 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     return jax.jit(lambda params, tool, prompts, lens, rng: fn(
         params, tool.index, tool.corpus, prompts, lens, rng))
 
+  width = block_width(tool.corpus.tokens.shape[1], config.rollout.top_k, env)
+
+  @jax.jit
+  def respond_fn(tool: SearchTool, query_tokens, query_mask):
+    ids, _ = retrieve_fn(tool.index, query_tokens, query_mask)
+    block, length = information_block(tool.corpus, ids, env, width)
+    return ids, block, length
+
   all_questions = [q for qs in world.splits.values() for q in qs]
   prompt_width = max(len(demos.encode_prompts(tokenizer, [q], closed_book=True)[0][0])
                      for q in all_questions)
@@ -235,4 +232,5 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
       eval_rollout_fn=rollout_fn_for(dataclasses.replace(
           config.rollout, temperature=config.eval_temperature)),
       reward_fn=weighted_rewards(dict(config.rl.reward_weights)),
+      respond_fn=respond_fn,
   )
