@@ -131,12 +131,16 @@ def _cached_eval(exp: Experiment, params, questions, rng, workdir, name, writer,
   return cached
 
 
+def _checkpointed(state: TrainState) -> dict:
+  """What a checkpoint holds of a train state (the static apply_fn / tx are rebuilt)."""
+  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+
+
 def _restore_or(ckpt: Checkpointer, state: TrainState):
   step = ckpt.latest_step()
   if step is None:
     return state, None
-  tree, meta = ckpt.restore(step, {"params": state.params, "opt_state": state.opt_state,
-                                   "step": state.step})
+  tree, meta = ckpt.restore(step, _checkpointed(state))
   logging.info("resumed from %s step %d", meta.get("phase"), step)
   return state.replace(**tree), meta
 
@@ -184,8 +188,7 @@ def warm_start(exp: Experiment, params, workdir, writer, first_step_done, mesh):
                                       ("loss", "token_accuracy", "tokens_per_s", "s_per_step")),
             flush=True)
     if (step + 1) % exp.config.checkpoint_every == 0 or step + 1 == cfg.steps:
-      ckpt.save(step + 1, {"params": state.params, "opt_state": state.opt_state, "step": state.step},
-                {"phase": "sft"})
+      ckpt.save(step + 1, _checkpointed(state), {"phase": "sft"})
   ckpt.close()
   return state.params
 
@@ -221,7 +224,7 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
     t_rollout = time.time() - t0
     width = bucket_width(int(scored.rollout.lengths.max()), scored.rollout.tokens.shape[1])
     tokens = sharding.shard_batch(scored.rollout.tokens[:, :width], mesh)
-    ref_logp = logprob_fn(ref_params, tokens) if g.kl_coef else jnp.zeros(tokens.shape)
+    ref_logp = logprob_fn(ref_params, tokens) if g.kl_coef else None
     old_logp = logprob_fn(state.params, tokens) if g.updates_per_batch > 1 else None
     batch = PolicyGradientBatch(
         tokens=tokens,
@@ -230,7 +233,7 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
         old_logp=old_logp, ref_logp=ref_logp)
     for _ in range(g.updates_per_batch):
       state, m = update(state, batch)
-    if step == start and start == 0:
+    if step == start:
       first_step_done()
     m = metrics_lib.to_python(m)
     m.update(eval_lib.episode_metrics(scored, rows_qs, exp.world))
@@ -245,7 +248,6 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
       writer.write_scalars(step + 1, {f"validation/{k}": v for k, v in vm.items()})
       print(f"[validation {step + 1}] em={vm['em']:.3f} searches={vm['searches']:.2f}", flush=True)
     if (step + 1) % exp.config.checkpoint_every == 0 or step + 1 == cfg.steps:
-      ckpt.save(step + 1, {"params": state.params, "opt_state": state.opt_state, "step": state.step},
-                {"phase": "rl"})
+      ckpt.save(step + 1, _checkpointed(state), {"phase": "rl"})
   ckpt.close()
   return state.params

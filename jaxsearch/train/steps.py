@@ -65,8 +65,8 @@ class PolicyGradientBatch(NamedTuple):
   tokens: jax.Array        # [N, T] int32, whole episodes
   policy_mask: jax.Array   # [N, T] bool, tokens the policy sampled (trained)
   advantages: jax.Array    # [N] float32
-  old_logp: jax.Array      # [N, T] float32, behaviour log-probs (recomputed by the trainer)
-  ref_logp: jax.Array      # [N, T] float32, reference-policy log-probs
+  old_logp: jax.Array | None  # [N, T] float32 behaviour log-probs; None: on-policy (ratio 1)
+  ref_logp: jax.Array | None  # [N, T] float32 reference log-probs; None when kl_coef == 0
 
 
 def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array) -> jax.Array:
