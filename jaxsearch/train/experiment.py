@@ -47,9 +47,11 @@ class SFTConfig:
   optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, warmup_steps=30)
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "num_demos"):
-      if getattr(self, name) < 0 or (name != "steps" and getattr(self, name) < 1):
-        raise ValueError(f"SFTConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.steps < 0:
+      raise ValueError(f"SFTConfig.steps must be >= 0, got {self.steps}")
+    for name in ("batch_size", "num_demos"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
