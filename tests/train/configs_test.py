@@ -1,0 +1,31 @@
+"""Every config names the bad value and what it expected."""
+from absl.testing import absltest, parameterized
+
+from jaxsearch.rollout.search_env import RolloutConfig
+from jaxsearch.train.experiment import RLConfig, RunConfig, SFTConfig
+from jaxsearch.train.steps import GRPOConfig
+
+
+class ConfigErrorsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("generations", GRPOConfig, dict(num_generations=1), "num_generations must be >= 2, got 1"),
+      ("kl_kind", GRPOConfig, dict(kl_kind="k9"), "kl_kind must be one of .* got 'k9'"),
+      ("agg", GRPOConfig, dict(agg="sum"), "agg must be one of .* got 'sum'"),
+      ("scale", GRPOConfig, dict(advantage_scale="std"), "'group', 'batch' or 'none', got 'std'"),
+      ("max_len", RolloutConfig, dict(max_len=0), "max_len must be >= 1, got 0"),
+      ("top_p", RolloutConfig, dict(top_p=1.5), "top_p must be in \\(0, 1\\], got 1.5"),
+      ("temperature", RolloutConfig, dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+      ("sft_steps", SFTConfig, dict(steps=-1), "steps must be >= 0, got -1"),
+      ("sft_batch", SFTConfig, dict(batch_size=0), "batch_size must be >= 1, got 0"),
+      ("rl_steps", RLConfig, dict(steps=-5), "steps must be >= 0, got -5"),
+      ("split", RunConfig, dict(eval_split="dev"), "eval_split must be train/validation/test, got 'dev'"),
+      ("eval_batch", RunConfig, dict(eval_batch_size=0), "eval_batch_size must be >= 1, got 0"),
+  )
+  def test_bad_value_is_named(self, cls, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      cls(**kwargs)
+
+
+if __name__ == "__main__":
+  absltest.main()
