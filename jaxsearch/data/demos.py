@@ -51,9 +51,13 @@ class TeacherConfig:
         raise ValueError(f"TeacherConfig.{name} must be in [0, 1], got {v}")
 
 
+def prompt_ids(tokenizer: Any, question: Question) -> list[int]:
+  """`<bos>` and the tokens of `PROMPT_TEMPLATE` for one question."""
+  return [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=question.question))]
+
+
 def encode_prompts(
     tokenizer: Any, questions: Sequence[Question], *, closed_book: bool = False,
-    answer_open_id: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Tokenizes questions into right-padded prompts.
 
@@ -61,18 +65,12 @@ def encode_prompts(
     tokenizer: a `jaxsearch.data.tokenizer.Tokenizer`.
     questions: the questions.
     closed_book: append `<answer>` so the policy must answer without searching.
-    answer_open_id: id of `<answer>` (defaults to `tokenizer.tag_id("<answer>")`).
 
   Returns:
     `(prompts [N, P] int32, lengths [N] int32)`, padded with `tokenizer.pad_id`.
   """
-  seqs = []
-  for q in questions:
-    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=q.question))]
-    if closed_book:
-      ids.append(tokenizer.tag_id("<answer>") if answer_open_id is None else answer_open_id)
-    seqs.append(ids)
-  return pad_sequences(seqs, tokenizer.pad_id)
+  suffix = [tokenizer.tag_id("<answer>")] if closed_book else []
+  return pad_sequences([prompt_ids(tokenizer, q) + suffix for q in questions], tokenizer.pad_id)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
@@ -147,7 +145,7 @@ def build_demonstrations(
   seqs, masks, hits, full = [], [], [], 0
   cursor = 0
   for q, (queries, answer) in zip(questions, plans):
-    ids = [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=q.question))]
+    ids = prompt_ids(tokenizer, q)
     mask = [False] * len(ids)
     for hop, query in enumerate(queries):
       action = [tag("<search>"), *tokenizer.encode(query), tag("</search>")]
