@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -76,6 +78,13 @@ class TransformerConfig:
     head_dim: hd; None means `d_model // num_heads`.
     mlp_dim: F, hidden width of the SwiGLU MLP.
     rope_theta: RoPE base.
+    rope_type: "default", "linear" (positions divided by `rope_factor`) or "llama3"
+      (Llama 3.1's frequency-dependent scaling with `rope_factor`, `rope_low_freq_factor`,
+      `rope_high_freq_factor`, `rope_original_max_len`), as transformers' `rope_parameters`.
+    rope_factor: scaling factor of "linear" and "llama3".
+    rope_low_freq_factor: "llama3" only.
+    rope_high_freq_factor: "llama3" only.
+    rope_original_max_len: "llama3" only, the pre-training context length.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: if True the output head is `x @ embedding.T` (no `lm_head`).
     qkv_bias: if True q/k/v projections have a bias (Qwen2).
@@ -92,6 +101,11 @@ class TransformerConfig:
   head_dim: int | None = None
   mlp_dim: int = 512
   rope_theta: float = 10_000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   qkv_bias: bool = False
@@ -126,6 +140,15 @@ class TransformerConfig:
             "for rotary embeddings")
     if not self.rope_theta > 0:
       raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if not self.rope_factor > 0:
+      raise ValueError(f"rope_factor must be > 0, got {self.rope_factor!r}")
+    if self.rope_type == "llama3" and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(
+          "llama3 rope needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+          f"{self.rope_low_freq_factor!r}, {self.rope_high_freq_factor!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
     for name in ("dtype", "param_dtype"):
@@ -184,11 +207,35 @@ def count_params(params) -> int:
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
 
 
-def _rope(positions: jax.Array, hd: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """HF Llama rotary tables: (cos, sin), each [T, hd] float32 for positions [T]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
-  freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]        # [T, hd/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)                            # [T, hd]
+def rope_inv_freq(config: TransformerConfig) -> jax.Array:
+  """Inverse frequencies [hd/2] float32 of the config's RoPE variant (as transformers).
+
+  "default": `1 / theta^(arange(0, hd, 2) / hd)`; "linear": divided by `rope_factor`;
+  "llama3": wavelengths longer than `original_max / low_freq_factor` are divided by
+  `rope_factor`, shorter than `original_max / high_freq_factor` kept, and those between
+  interpolated smoothly.
+  """
+  hd = config.hd
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if config.rope_type == "linear":
+    return inv_freq / config.rope_factor
+  if config.rope_type == "llama3":
+    factor, low, high = (config.rope_factor, config.rope_low_freq_factor,
+                         config.rope_high_freq_factor)
+    old_len = config.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def _rope(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """HF Llama rotary tables: (cos, sin), each [..., hd] float32 for positions [...]."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq               # [..., hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)                            # [..., hd]
   return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -272,7 +319,7 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "heads", "length", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "kv_heads", "length", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "kv_heads", "length", "head_dim"))
-    cos, sin = _rope(positions, hd, cfg.rope_theta)
+    cos, sin = _rope(positions, rope_inv_freq(cfg))
     cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)

@@ -211,7 +211,7 @@ class TransformerTest(parameterized.TestCase):
     # Position 1, hd=4, theta=1: inv_freq = [1, 1]; pair (x0, x2) rotates by 1 rad, (x1, x3)
     # by 1 rad: q' = q*cos + concat([-q2, -q3, q0, q1])*sin.
     from jaxsearch.models import transformer as tr  # pylint: disable=import-outside-toplevel
-    cos, sin = tr._rope(jnp.array([0, 1]), 4, 1.0)
+    cos, sin = tr._rope(jnp.array([0, 1]), jnp.ones([2]))
     np.testing.assert_allclose(cos[1], [math.cos(1)] * 4, rtol=1e-6)
     x = jnp.arange(1.0, 5.0)[None, None, None, :]                        # [1, 1, 1, 4]
     out = tr._apply_rope(x, cos[1:], sin[1:])
