@@ -51,12 +51,15 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+PyTree = Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_MODES = ("none", "full", "dots")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -89,6 +92,10 @@ class TransformerConfig:
     tie_embeddings: if True the output head is `x @ embedding.T` (no `lm_head`).
     qkv_bias: if True q/k/v projections have a bias (Qwen2).
     max_len: positions available to the KV cache when `init_cache` gets no `max_len`.
+    remat: rematerialise each block in the backward pass: "none", "full" (save nothing) or
+      "dots" (save matmul outputs without batch dimensions). Outputs are unchanged.
+    scan_layers: run the blocks with `nn.scan` (one compiled block; parameters stacked under
+      `layers/block/...` with a leading `layers` axis of size L; see `stack_layer_params`).
     dtype: compute dtype name ("float32" | "bfloat16" | "float16").
     param_dtype: parameter dtype name.
   """
@@ -110,6 +117,8 @@ class TransformerConfig:
   tie_embeddings: bool = True
   qkv_bias: bool = False
   max_len: int = 512
+  remat: str = "none"
+  scan_layers: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -151,6 +160,8 @@ class TransformerConfig:
           f"{self.rope_low_freq_factor!r}, {self.rope_high_freq_factor!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       if value not in _DTYPES:
@@ -232,6 +243,34 @@ def rope_inv_freq(config: TransformerConfig) -> jax.Array:
   return inv_freq
 
 
+def stack_layer_params(params: PyTree, num_layers: int) -> PyTree:
+  """`layers_{i}/...` parameters -> `layers/block/...` stacked on a leading axis (scan layout).
+
+  Works on plain arrays and on abstract or boxed leaves alike (boxed `LogicallyPartitioned`
+  leaves get the `layers` axis name prepended). Inverse of `unstack_layer_params`.
+  """
+  params = dict(params)
+  layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  def stack(*xs):
+    if isinstance(xs[0], nn.Partitioned):
+      return xs[0].replace(value=jnp.stack([x.value for x in xs]),
+                           names=("layers", *xs[0].names))
+    return jnp.stack(xs)
+  params["layers"] = {"block": jax.tree.map(
+      stack, *layers, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+  return params
+
+
+def unstack_layer_params(params: PyTree) -> PyTree:
+  """`layers/block/...` stacked parameters -> `layers_{i}/...` (inverse of `stack_layer_params`)."""
+  params = dict(params)
+  stacked = params.pop("layers")["block"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return params
+
+
 def _rope(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
   """HF Llama rotary tables: (cos, sin), each [..., hd] float32 for positions [...]."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq               # [..., hd/2]
@@ -240,7 +279,7 @@ def _rope(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B, H, T, hd]; cos/sin [T, hd] (already in x's dtype)."""
+  """x [B, H, T, hd]; cos/sin broadcastable to it ([B, 1, T, hd] or [T, hd]), in x's dtype."""
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return x * cos + rotated * sin
@@ -268,6 +307,14 @@ def _kernel_init(names: tuple[str, ...], in_axis=0, out_axis=-1):
                                        in_axis=in_axis, out_axis=out_axis), names)
 
 
+def _attention_mask(q_slots, kv_slots, kv_mask):
+  """[B or 1, T, S] bool: key slot <= query slot, and the key slot holds a real token."""
+  mask = (kv_slots[None, :] <= q_slots[:, None])[None]          # [1, T, S]
+  if kv_mask is not None:
+    mask = mask & kv_mask[:, None, :].astype(bool)              # [B, T, S]
+  return mask
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
 
@@ -293,17 +340,22 @@ class Attention(nn.Module):
         shape=(h, hd, d), einsum_str="bhtk,hkd->btd", use_bias=False,
         kernel_init=_kernel_init(("heads", "head_dim", "embed"), (0, 1), 2), **common)
 
-  def __call__(self, x, positions, cache: KVCache | None = None, cache_index=None,
-               layer: int = 0):
+  def __call__(self, x, positions, q_slots, kv_mask=None, cache: KVCache | None = None,
+               cache_index=None, layer: int | None = None):
     """Attention over the new tokens (no cache) or over the updated cache.
 
     Args:
       x: [B, T, D] normed inputs.
-      positions: [T] int32 absolute positions of the new tokens.
-      cache: optional full `KVCache` ([L, B, Hkv, S, hd]); the new keys/values are written at
-        `[cache_index, cache_index + T)` of layer `layer`.
-      cache_index: [] int32, first position written.
-      layer: static index of this layer in the cache.
+      positions: [B, T] int32 RoPE positions of the new tokens.
+      q_slots: [T] int32 sequence slots of the new tokens (`cache_index + arange(T)` with a
+        cache, `arange(T)` without); a token attends to keys in slots `<=` its own.
+      kv_mask: optional [B, S] bool (S = T without a cache): slots holding real tokens
+        (False for padding); None means all.
+      cache: optional `KVCache`, either the full cache ([L, B, Hkv, S, hd], `layer` an int)
+        or this layer's ([B, Hkv, S, hd], `layer` None); the new keys/values are written at
+        slots `[cache_index, cache_index + T)`.
+      cache_index: [] int32, first slot written.
+      layer: static index of this layer in a full cache.
 
     Returns:
       (out [B, T, D], cache or None).
@@ -319,26 +371,31 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "heads", "length", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "kv_heads", "length", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "kv_heads", "length", "head_dim"))
-    cos, sin = _rope(positions, rope_inv_freq(cfg))
-    cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
+    cos, sin = _rope(positions, rope_inv_freq(cfg))              # [B, T, hd]
+    cos, sin = cos[:, None].astype(q.dtype), sin[:, None].astype(q.dtype)
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
 
     if cache is None:
-      keys, values, key_pos = k, v, positions                    # [B, Hkv, T, hd], [T]
+      keys, values = k, v                                        # [B, Hkv, T, hd]
     else:
-      start = (layer, 0, 0, cache_index, 0)
+      if layer is None:
+        start = (0, 0, cache_index, 0)
+        new_k, new_v = k, v
+      else:
+        start = (layer, 0, 0, cache_index, 0)
+        new_k, new_v = k[None], v[None]
       cache = KVCache(
-          k=lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-          v=lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
-      keys = cache.k[layer].astype(dtype)                        # [B, Hkv, S, hd]
-      values = cache.v[layer].astype(dtype)
-      key_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)       # [S]
+          k=lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), start),
+          v=lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), start))
+      keys = (cache.k if layer is None else cache.k[layer]).astype(dtype)  # [B, Hkv, S, hd]
+      values = (cache.v if layer is None else cache.v[layer]).astype(dtype)
+    kv_slots = jnp.arange(keys.shape[2], dtype=jnp.int32)        # [S]
 
     q = q.reshape(b, hkv, groups, t, hd)                         # head h -> (h // G, h % G)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys,
                         preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-    mask = key_pos[None, :] <= positions[:, None]                # [T, S]
+    mask = _attention_mask(q_slots, kv_slots, kv_mask)[:, None, None]   # [B|1, 1, 1, T, S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, values).reshape(b, cfg.num_heads, t, hd)
@@ -376,21 +433,55 @@ class Block(nn.Module):
     self.mlp_norm = RMSNorm(**norm)
     self.mlp = MLP(cfg)
 
-  def __call__(self, x, positions, cache=None, cache_index=None, layer: int = 0):
+  def __call__(self, x, positions, q_slots, kv_mask=None, cache=None, cache_index=None,
+               layer: int | None = None):
     """x [B, T, D] -> (x [B, T, D], cache); see `Attention.__call__`."""
-    h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, layer)
+    h, cache = self.attn(self.attn_norm(x), positions, q_slots, kv_mask, cache, cache_index,
+                         layer)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
     x = x + self.mlp(self.mlp_norm(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
 
+class _ScanBlock(nn.Module):
+  """`Block` in `nn.scan`'s (carry, x) -> (carry, y) form; the cache is scanned per layer."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, q_slots, kv_mask, cache_index):
+    block = _block_class(self.config)(self.config, name="block")
+    x, layer_cache = block(x, positions, q_slots, kv_mask, layer_cache, cache_index, None)
+    return x, layer_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,                                                 # save nothing
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(config: TransformerConfig):
+  if config.remat == "none":
+    return Block
+  # Argument 7 (counting self) is the static layer index.
+  return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers,
+                  static_argnums=(7,))
+
+
 class Transformer(nn.Module):
   """Llama / Qwen2-style causal language model.
 
-  `__call__` runs a full causal forward pass from position 0; `decode` runs T new tokens
-  against a `KVCache` (a chunked prefill when T > 1, one sampling step when T == 1). Both
-  share the same parameters and are jittable.
+  `__call__` runs a full causal forward pass; `decode` runs T new tokens against a `KVCache`
+  (a chunked prefill when T > 1, one sampling step when T == 1); `hidden_states` returns the
+  final-norm activations (no output head) for value and reward heads. All share the same
+  parameters and are jittable.
+
+  Positions and padding: by default token t of every row has RoPE position t (or
+  `cache_index + t`) and attends to every earlier slot. Left-padded batches pass
+  `attention_mask` / `kv_mask` (False on padding) and per-row `positions` (for example
+  `cumsum(mask) - 1`), which gives every row exactly the logits it would get alone.
 
   Example:
     >>> model = Transformer(TransformerConfig(vocab_size=64, d_model=32, num_layers=2))
@@ -405,7 +496,14 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                     ("vocab", "embed")))
-    self.layers = [Block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          _ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    else:
+      block = _block_class(cfg)
+      self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # layers_0, layers_1, ...
     self.final_norm = RMSNorm(eps=cfg.norm_eps, dtype=cfg.compute_dtype,
                               param_dtype=cfg.params_dtype)
     if not cfg.tie_embeddings:
@@ -413,52 +511,77 @@ class Transformer(nn.Module):
           cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
           kernel_init=_kernel_init(("embed", "vocab")))
 
-  def _run(self, tokens, positions, cache=None, cache_index=None):
+  def _hidden(self, tokens, positions, q_slots, kv_mask, cache=None, cache_index=None):
     x = self.embed(tokens.astype(jnp.int32))                     # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, cache, cache_index, i)
-    x = self.final_norm(x)
+    if self.config.scan_layers:
+      layer_cache = None if cache is None else (cache.k, cache.v)
+      x, layer_cache = self.layers(x, None if cache is None else KVCache(*layer_cache),
+                                   positions, q_slots, kv_mask, cache_index)
+      cache = None if cache is None else KVCache(*layer_cache)
+    else:
+      for i, layer in enumerate(self.layers):
+        x, cache = layer(x, positions, q_slots, kv_mask, cache, cache_index, i)
+    return self.final_norm(x), cache
+
+  def _logits(self, x):
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = self.lm_head(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                        ("batch", "length", "vocab"))
-    return logits, cache
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def __call__(self, tokens):
+  def _full_inputs(self, tokens, positions, attention_mask):
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.arange(t, dtype=jnp.int32)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    if attention_mask is not None and attention_mask.shape != (b, t):
+      raise ValueError(f"attention_mask must be [B, T] = {(b, t)}, got {attention_mask.shape}")
+    return positions, jnp.arange(t, dtype=jnp.int32), attention_mask
+
+  def __call__(self, tokens, *, positions=None, attention_mask=None, return_hidden=False):
     """Causal forward pass.
 
     Args:
-      tokens: [B, T] int32, positions 0..T-1.
+      tokens: [B, T] int32.
+      positions: optional [B, T] or [T] int32 RoPE positions; default 0..T-1.
+      attention_mask: optional [B, T] bool, False on padding (keys there are ignored).
+      return_hidden: also return the final-norm hidden states.
 
     Returns:
-      logits [B, T, V] float32.
+      logits [B, T, V] float32, or `(logits, hidden [B, T, D])` with `return_hidden`.
     """
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    logits, _ = self._run(tokens, positions)
-    return logits
+    x, _ = self._hidden(tokens, *self._full_inputs(tokens, positions, attention_mask))
+    logits = self._logits(x)
+    return (logits, x) if return_hidden else logits
 
-  def decode(self, tokens, cache: KVCache, cache_index):
+  def hidden_states(self, tokens, *, positions=None, attention_mask=None):
+    """Final-norm activations [B, T, D] in the compute dtype (no output head); see __call__."""
+    x, _ = self._hidden(tokens, *self._full_inputs(tokens, positions, attention_mask))
+    return x
+
+  def decode(self, tokens, cache: KVCache, cache_index, *, positions=None, kv_mask=None):
     """Runs T new tokens against the cache.
 
-    The keys/values of the new tokens are written at positions
-    `[cache_index, cache_index + T)`; token t (position `cache_index + t`) attends to cache
-    positions `<= cache_index + t`. The caller keeps `cache_index + T <= S`
-    (`lax.dynamic_update_slice` would clamp the write otherwise).
+    The keys/values of the new tokens are written at slots `[cache_index, cache_index + T)`;
+    token t (slot `cache_index + t`) attends to the slots `<= cache_index + t` that `kv_mask`
+    marks as real. The caller keeps `cache_index + T <= S` (`lax.dynamic_update_slice` would
+    clamp the write otherwise).
 
     Args:
       tokens: [B, T] int32.
       cache: `KVCache`, [L, B, Hkv, S, hd] each.
       cache_index: [] int32, same for every row; may be traced.
+      positions: optional [B, T] int32 RoPE positions; default `cache_index + arange(T)`.
+      kv_mask: optional [B, S] bool, False for slots holding padding.
 
     Returns:
       (logits [B, T, V] float32, updated `KVCache`).
     """
     cfg = self.config
-    t = tokens.shape[1]
-    expected = (cfg.num_layers, tokens.shape[0], cfg.num_kv_heads, cfg.hd)
+    b, t = tokens.shape
+    expected = (cfg.num_layers, b, cfg.num_kv_heads, cfg.hd)
     got = cache.k.shape[:3] + cache.k.shape[4:]
     if cache.k.ndim != 5 or got != expected or cache.v.shape != cache.k.shape:
       raise ValueError(
@@ -466,6 +589,12 @@ class Transformer(nn.Module):
           f"{expected[2]}, S, {expected[3]}], got k {cache.k.shape}, v {cache.v.shape}")
     if t > cache.k.shape[3]:
       raise ValueError(f"{t} new tokens do not fit a cache of {cache.k.shape[3]} positions")
+    if kv_mask is not None and kv_mask.shape != (b, cache.k.shape[3]):
+      raise ValueError(f"kv_mask must be [B, S] = {(b, cache.k.shape[3])}, got {kv_mask.shape}")
     cache_index = jnp.asarray(cache_index, jnp.int32)
-    positions = cache_index + jnp.arange(t, dtype=jnp.int32)
-    return self._run(tokens, positions, cache, cache_index)
+    q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+    if positions is None:
+      positions = q_slots
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    x, cache = self._hidden(tokens, positions, q_slots, kv_mask, cache, cache_index)
+    return self._logits(x), cache

@@ -30,6 +30,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),                 # the stacked axis of scan-over-layers parameters
 )
 
 

@@ -347,5 +347,129 @@ class TransformerTest(parameterized.TestCase):
     self.assertTrue(all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(p16)))
 
 
+class PaddingRematScanTest(parameterized.TestCase):
+  """Left padding, rematerialisation, scan over layers and the hidden-state path."""
+
+  def _left_padded(self, cfg, lengths, width, seed=5):
+    rows = [np.asarray(_tokens(cfg, 1, n, seed=seed + i))[0] for i, n in enumerate(lengths)]
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+      tokens[i, width - len(r):] = r
+      mask[i, width - len(r):] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return rows, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions, jnp.int32)
+
+  @parameterized.named_parameters(("gqa", 2, True), ("mha_untied", 4, False))
+  def test_left_padded_forward_equals_each_row_alone(self, kv_heads, tie):
+    cfg = _config(num_kv_heads=kv_heads, tie_embeddings=tie, qkv_bias=not tie)
+    model, params = _init_params(cfg)
+    rows, tokens, mask, positions = self._left_padded(cfg, [3, 7, 5], 8)
+    out = jax.jit(lambda p, t, m, q: model.apply({"params": p}, t, positions=q,
+                                                   attention_mask=m))(params, tokens, mask,
+                                                                      positions)
+    for i, r in enumerate(rows):
+      alone = model.apply({"params": params}, jnp.asarray(r)[None])[0]
+      np.testing.assert_allclose(out[i, 8 - len(r):], alone, atol=1e-5, rtol=1e-5)
+
+  def test_left_padded_cached_decode_equals_each_row_alone(self):
+    cfg = _config()
+    model, params = _init_params(cfg)
+    rows, prompt, mask, positions = self._left_padded(cfg, [2, 6, 4], 6)
+    new = _tokens(cfg, 3, 4, seed=9)                                  # 4 decode steps
+    s = 12
+    kv_mask = jnp.concatenate([mask, jnp.ones((3, s - 6), bool)], axis=1)
+    decode = jax.jit(lambda p, t, c, i, q: model.apply(
+        {"params": p}, t, c, i, positions=q, kv_mask=kv_mask, method=Transformer.decode))
+    logits, cache = decode(params, prompt, init_cache(cfg, 3, s), jnp.int32(0), positions)
+    steps = [logits[:, -1]]
+    next_pos = positions[:, -1] + 1
+    for j in range(3):
+      step, cache = decode(params, new[:, j:j + 1], cache, jnp.int32(6 + j),
+                           (next_pos + j)[:, None])
+      steps.append(step[:, 0])
+    for i, r in enumerate(rows):
+      full = np.concatenate([r, np.asarray(new[i, :3])])
+      alone = model.apply({"params": params}, jnp.asarray(full)[None])[0]
+      got = np.stack([st[i] for st in steps])                         # positions len(r)-1 ...
+      np.testing.assert_allclose(got, alone[len(r) - 1:], atol=1e-5, rtol=1e-5)
+
+  def test_kv_mask_shape_is_checked(self):
+    cfg = _config()
+    model, params = _init_params(cfg)
+    with self.assertRaisesRegex(ValueError, "kv_mask must be"):
+      model.apply({"params": params}, _tokens(cfg, 2, 3), init_cache(cfg, 2, 8), 0,
+                  kv_mask=jnp.ones((2, 3), bool), method=Transformer.decode)
+
+  def test_hidden_states_feed_the_head(self):
+    cfg = _config()
+    model, params = _init_params(cfg)
+    tokens = _tokens(cfg, 2, 6)
+    logits, hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    np.testing.assert_allclose(hidden @ params["embed"]["embedding"].T, logits, atol=1e-5)
+    only = model.apply({"params": params}, tokens, method=Transformer.hidden_states)
+    np.testing.assert_array_equal(only, hidden)
+
+  @parameterized.parameters("full", "dots")
+  def test_remat_keeps_outputs_and_gradients(self, mode):
+    cfg = _config()
+    model, params = _init_params(cfg)
+    remat = Transformer(_config(remat=mode))
+    tokens = _tokens(cfg, 2, 6)
+
+    def loss(m):
+      return lambda p: jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, tokens))[..., 0])
+
+    g_ref = jax.jit(jax.grad(loss(model)))(params)
+    g = jax.jit(jax.grad(loss(remat)))(params)
+    chex.assert_trees_all_close(g, g_ref, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(remat.apply({"params": params}, tokens),
+                               model.apply({"params": params}, tokens), atol=1e-6)
+
+  @parameterized.named_parameters(("plain", "none"), ("remat", "full"))
+  def test_scan_layers_equals_unrolled(self, remat):
+    from jaxsearch.models import transformer as tr  # pylint: disable=import-outside-toplevel
+    cfg = _config(num_layers=3)
+    model, params = _init_params(cfg)
+    scan_cfg = _config(num_layers=3, scan_layers=True, remat=remat)
+    scanned = Transformer(scan_cfg)
+    stacked = tr.stack_layer_params(params, 3)
+    abstract = jax.eval_shape(scanned.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    chex.assert_trees_all_equal_shapes(nn.unbox(abstract)["params"], stacked)
+    names = nn.get_partition_spec(abstract)["params"]["layers"]["block"]["attn"]["q_proj"]
+    self.assertEqual(tuple(names["kernel"]), ("layers", "embed", "heads", "head_dim"))
+    chex.assert_trees_all_equal(tr.unstack_layer_params(stacked), params)
+    tokens = _tokens(cfg, 2, 7)
+    ref = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), ref, atol=1e-5)
+    cache = init_cache(scan_cfg, 2, 9)
+    pre, cache = scanned.apply({"params": stacked}, tokens[:, :5], cache, 0,
+                               method=Transformer.decode)
+    step, cache = scanned.apply({"params": stacked}, tokens[:, 5:6], cache, 5,
+                                method=Transformer.decode)
+    np.testing.assert_allclose(pre, ref[:, :5], atol=1e-5)
+    np.testing.assert_allclose(step[:, 0], ref[:, 5], atol=1e-5)
+    boxed = tr.stack_layer_params(Transformer(cfg).init(jax.random.key(0), tokens)["params"], 3)
+    self.assertEqual(boxed["layers"]["block"]["mlp"]["up_proj"]["kernel"].names,
+                     ("layers", "embed", "mlp"))
+
+  def test_rope_variants_match_formulas(self):
+    from jaxsearch.models import transformer as tr  # pylint: disable=import-outside-toplevel
+    hd, theta = 8, 100.0
+    base = 1.0 / theta ** (np.arange(0, hd, 2) / hd)                 # [1, .316, .1, .0316]
+    lin = tr.rope_inv_freq(_config(head_dim=hd, rope_theta=theta, rope_type="linear",
+                                   rope_factor=4.0))
+    np.testing.assert_allclose(lin, base / 4, rtol=1e-6)
+    # llama3 with original length 100, low 1, high 4: wavelengths 2*pi/f =
+    # [6.28, 19.9, 62.8, 198.7]; > 100 -> divided by factor; < 25 -> kept; in [25, 100]
+    # -> interpolated with smooth = (100 / wavelen - 1) / 3.
+    l3 = tr.rope_inv_freq(_config(head_dim=hd, rope_theta=theta, rope_type="llama3",
+                                  rope_factor=8.0, rope_original_max_len=100))
+    wl = 2 * np.pi / base
+    smooth = (100 / wl[2] - 1) / 3
+    expected = [base[0], base[1], (1 - smooth) * base[2] / 8 + smooth * base[2], base[3] / 8]
+    np.testing.assert_allclose(l3, expected, rtol=1e-6)
+
+
 if __name__ == "__main__":
   absltest.main()
