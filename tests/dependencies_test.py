@@ -13,7 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxsearch"
 ALLOWED = {
     "losses": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.losses"),
     "rewards": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.rewards"),
-    "models": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.models"),
+    "models": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.models",
+               "jaxsearch.data.bpe", "jaxsearch.data.tokenizer"),  # checkpoint tokenizers
     "data": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.data"),
     "retrieval": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.retrieval",
                   "jaxsearch.models", "jaxsearch.data"),

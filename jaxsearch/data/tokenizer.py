@@ -45,6 +45,7 @@ TAGS = ("<search>", "</search>", "<information>", "</information>", "<answer>", 
 _TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
 _BYTE_HEADER = b"jaxsearch-tokenizer:byte:v1\n"
 _SP_HEADER = b"jaxsearch-tokenizer:sentencepiece:v1\n"
+_BPE_HEADER = b"jaxsearch-tokenizer:bpe:v1\n"  # jaxsearch.data.bpe.ByteLevelBPETokenizer
 
 
 def _unknown_tag(tag: str) -> ValueError:
@@ -266,6 +267,9 @@ def tokenizer_from_bytes(data: bytes) -> Tokenizer:
     return ByteTokenizer()
   if data.startswith(_SP_HEADER):
     return SentencePieceTokenizer.from_bytes(data)
+  if data.startswith(_BPE_HEADER):
+    from jaxsearch.data.bpe import ByteLevelBPETokenizer  # noqa: PLC0415 (bpe imports us)
+    return ByteLevelBPETokenizer.from_bytes(data)
   raise ValueError(f"unrecognised tokenizer bytes starting with {data[:40]!r}; expected a "
                    f"header {_BYTE_HEADER!r} or {_SP_HEADER!r}")
 
@@ -280,6 +284,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """Reads a file written by `save_tokenizer` (or a raw sentencepiece `.model` file)."""
   with open(path, "rb") as f:
     data = f.read()
-  if data.startswith((_BYTE_HEADER, _SP_HEADER)):
+  if data.startswith((_BYTE_HEADER, _SP_HEADER, _BPE_HEADER)):
     return tokenizer_from_bytes(data)
   return SentencePieceTokenizer.from_bytes(data)

@@ -213,6 +213,19 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int | None =
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
+def make_decode_fn(model: "Transformer"):
+  """`decode_fn(params, tokens, cache, index, positions, kv_mask) -> (logits, cache)`.
+
+  The signature `jaxsearch.rollout.sampler.make_sampler` expects, from `Transformer.decode`.
+  """
+
+  def decode_fn(params, tokens, cache, index, positions=None, kv_mask=None):
+    return model.apply({"params": params}, tokens, cache, index, positions=positions,
+                       kv_mask=kv_mask, method=Transformer.decode)
+
+  return decode_fn
+
+
 def count_params(params) -> int:
   """Number of scalars in a parameter tree (boxed, unboxed or abstract leaves)."""
   return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))

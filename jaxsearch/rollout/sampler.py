@@ -18,7 +18,8 @@ trainer recomputes for importance ratios.
 Example:
   >>> cfg = TransformerConfig(vocab_size=64, d_model=32, num_layers=2)
   >>> model = Transformer(cfg)
-  >>> sample = make_sampler(model_decode_fn(model), cache_fn(cfg),
+  >>> sample = make_sampler(transformer.make_decode_fn(model),
+  ...                       functools.partial(transformer.init_cache, cfg),
   ...                       SamplerConfig(max_new_tokens=16, temperature=0.7, top_k=20))
   >>> out = jax.jit(sample)(params, prompts, prompt_mask, jax.random.key(0))
   >>> out.tokens.shape   # [B * G, 16]
@@ -32,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsearch.models.transformer import Transformer, TransformerConfig, init_cache
 from jaxsearch.rollout.sampling import sample_logits
 from jaxsearch.types import PyTree
 
@@ -84,21 +84,6 @@ class SampleOutput(NamedTuple):
   stopped: jax.Array   # [N] bool, ended with a stop token (else it hit its length limit)
 
 
-def model_decode_fn(model: Transformer) -> DecodeFn:
-  """`decode_fn(params, tokens, cache, index, positions, kv_mask)` of a `Transformer`."""
-
-  def decode_fn(params, tokens, cache, index, positions, kv_mask):
-    return model.apply({"params": params}, tokens, cache, index, positions=positions,
-                       kv_mask=kv_mask, method=Transformer.decode)
-
-  return decode_fn
-
-
-def cache_fn(config: TransformerConfig, dtype=None) -> Callable[[int, int], Any]:
-  """`init_cache_fn(batch, length)` for a `TransformerConfig`."""
-  return lambda batch, length: init_cache(config, batch, length, dtype)
-
-
 def left_pad(tokens: np.ndarray, lengths: np.ndarray, pad_id: int = 0
              ) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded prompts [B, P] with lengths [B] -> (left-padded [B, P], mask [B, P])."""
@@ -119,7 +104,7 @@ def make_sampler(decode_fn: DecodeFn, init_cache_fn: Callable[[int, int], Any],
 
   Args:
     decode_fn: `(params, tokens [N, T], cache, index [], positions [N, T], kv_mask [N, S])
-      -> (logits [N, T, V], cache)`, e.g. `model_decode_fn(model)`.
+      -> (logits [N, T, V], cache)`, e.g. `jaxsearch.models.transformer.make_decode_fn(model)`.
     init_cache_fn: `(batch, length) -> cache` with room for `length` slots.
     config: sampling settings (static).
 

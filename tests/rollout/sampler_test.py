@@ -1,13 +1,16 @@
 """Tests for jaxsearch.rollout.sampler: padding invariance, log-probs, stops, limits, G."""
 from __future__ import annotations
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsearch.models.transformer import Transformer, TransformerConfig
+from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
+                                          make_decode_fn)
 from jaxsearch.rollout import sampler as sampler_lib
 from jaxsearch.rollout.sampling import sample_logits
 
@@ -43,8 +46,8 @@ def _batch(prompts, width=6):
 
 def _sampler(**kw):
   cfg = sampler_lib.SamplerConfig(**kw)
-  return jax.jit(sampler_lib.make_sampler(sampler_lib.model_decode_fn(MODEL),
-                                          sampler_lib.cache_fn(CFG), cfg))
+  return jax.jit(sampler_lib.make_sampler(make_decode_fn(MODEL),
+                                          functools.partial(init_cache, CFG), cfg))
 
 
 class SamplerTest(parameterized.TestCase):
