@@ -1,4 +1,8 @@
-"""`benchmarks/rollout.py` in smoke mode: its JSON, and greedy parity of the two rollouts."""
+"""The benchmarks in smoke mode: their JSON, and the parity each one reports.
+
+`benchmarks/rollout.py`: greedy parity of the two rollouts; `benchmarks/sampler.py`: jaxsearch's
+sampler and transformers' `generate` produce the same greedy tokens from the same weights.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -109,6 +113,30 @@ class IdenticalRowsTest(absltest.TestCase):
     np.testing.assert_array_equal(module.identical_rows(a, b), [True, False, False, True])
     np.testing.assert_array_equal(module.identical_rows(a, a._replace(status=a.status * 2)),
                                   [False] * n)
+
+
+class SamplerBenchmarkTest(absltest.TestCase):
+
+  def test_smoke_rows_and_greedy_parity_with_transformers(self):
+    tmpdir = tempfile.mkdtemp()
+    out = os.path.join(tmpdir, "sampler.json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "sampler.py"), "--smoke", "--json", out],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    rows = json.loads(proc.stdout)
+    with open(out) as f:
+      self.assertEqual(json.load(f), rows)
+    self.assertEqual([(r["impl"], r["batch"]) for r in rows],
+                     [("jaxsearch", 1), ("transformers", 1), ("jaxsearch", 4),
+                      ("transformers", 4)])
+    for r in rows:
+      self.assertEqual(r["new_tokens"], 16)
+      self.assertTrue(r["greedy_match"], r)
+      self.assertEqual(r["rows_identical_fraction"], 1.0)
+      np.testing.assert_allclose(r["tokens_per_s"], r["batch"] * 16 / r["seconds"], rtol=1e-6)
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
