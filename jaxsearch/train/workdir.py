@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsearch.checkpoint import Checkpointer
-from jaxsearch.data.tokenizer import SentencePieceTokenizer
+from jaxsearch.data.tokenizer import load_tokenizer
 from jaxsearch.train.experiment import Experiment, RunConfig, setup
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.types import PyTree
@@ -58,7 +58,7 @@ def load_config(workdir: str) -> RunConfig:
 def load_experiment(workdir: str) -> Experiment:
   """The agent of a workdir (world, tokenizer, search tool, model), without parameters."""
   config = load_config(workdir)
-  tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, "tokenizer.model"))
+  tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
   return setup(config, tokenizer=tokenizer)
 
 

@@ -1,0 +1,63 @@
+"""A gin model file makes SmolLM2-135M-Instruct (GGUF) the search agent's policy."""
+from __future__ import annotations
+
+import dataclasses
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsearch.models import pretrained
+from jaxsearch.models.transformer import Transformer
+from jaxsearch.train import experiment
+
+
+class PretrainedSpecTest(absltest.TestCase):
+
+  def test_unknown_spec_names_the_choices(self):
+    with self.assertRaisesRegex(ValueError, "unknown pretrained model 'nope'.*smollm2"):
+      pretrained.load_pretrained("nope")
+    with self.assertRaisesRegex(ValueError, "non-empty"):
+      pretrained.load_pretrained("")
+
+
+@pytest.mark.slow
+class SmolLM2PolicyTest(absltest.TestCase):
+
+  def test_gin_model_file_builds_the_agent_on_smollm2(self):
+    from experiments.run import parse_gin  # pylint: disable=import-outside-toplevel
+    import gin  # pylint: disable=import-outside-toplevel
+    gin.clear_config()
+    try:
+      parse_gin(["gin/experiments/quickstart.gin", "gin/models/smollm2_135m.gin"], [])
+      config = gin.get_configurable(experiment.RunConfig)()
+    finally:
+      gin.clear_config()
+    self.assertEqual(config.pretrained, "smollm2-135m-instruct")
+    config = dataclasses.replace(
+        config, world=dataclasses.replace(config.world, num_people=20, num_cities=6,
+                                          num_countries=3, num_companies=4,
+                                          num_distractors=5, train_size=20, validation_size=4,
+                                          test_size=4))
+    exp = experiment.setup(config)
+    self.assertEqual(exp.model.config.vocab_size, 49160)
+    self.assertEqual(exp.model.config.num_layers, 30)
+    self.assertEqual(exp.tokenizer.tag_id("<search>"), 49152)
+    self.assertEqual(exp.env.search_open, 49152)
+    params, specs = exp.init_params(jax.random.key(0))
+    _, ref_params, _ = pretrained.load_pretrained("smollm2-135m-instruct", add_tags=True)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    self.assertEqual(jax.tree.structure(params), jax.tree.structure(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    ids = exp.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}])
+    logits = exp.model.apply({"params": params}, jnp.asarray([ids]))
+    ref = Transformer(dataclasses.replace(exp.model.config)).apply(
+        {"params": ref_params}, jnp.asarray([ids]))
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()
