@@ -1,4 +1,4 @@
-"""Token-level policy losses: PPO clip, GRPO (+ KL to a reference), SFT cross-entropy.
+"""Token-level policy losses: PPO clip (dual clip, GSPO sequence ratio), GRPO (+ KL), SFT.
 
 Pure functions on arrays; the caller computes log-probs with its own model, jits and
 differentiates. Shapes: N rows, T tokens, V vocabulary. `mask [N, T] bool` marks the tokens
@@ -6,10 +6,22 @@ the policy produced (the ones trained); everything else (prompt, inserted
 `<information>` tokens, padding) contributes nothing to the loss, its gradient or the
 metrics, whatever values those positions hold.
 
-Aggregation modes (`agg`), as named by verl's `loss_agg_mode`:
+Aggregation modes (`agg`), as named by verl's `loss_agg_mode` (`aggregate`):
   - "token-mean": mean over every masked token of the batch (DAPO; long rows weigh more);
   - "seq-mean-token-mean": mean over each row's masked tokens, then over the rows that have
-    at least one (original GRPO; every row weighs the same).
+    at least one (original GRPO; every row weighs the same);
+  - "seq-mean-token-sum": sum over each row's masked tokens, then mean over the rows that
+    have at least one;
+  - "seq-mean-token-sum-norm": sum over all masked tokens divided by a constant
+    `norm_length` (default T, the padded width; pass the generation budget so the divisor
+    never changes). This is Dr. GRPO's length-unbiased form, as verl computes it: the sum
+    is not divided by the number of rows.
+Rows with an empty mask are skipped (verl divides by all rows in the two seq-mean modes), so
+padding rows or columns never change a loss; with "seq-mean-token-sum-norm" that holds when
+`norm_length` is given explicitly.
+
+Registered in `POLICY_LOSSES` (all `(logp, old_logp, advantages, mask, **kw) -> (loss,
+metrics)`): "ppo" (`ppo_policy_loss`) and "gspo" (`gspo_policy_loss`).
 
 Example:
   >>> lp, mask = jnp.log(jnp.full([2, 3], .5)), jnp.ones([2, 3], bool)
@@ -17,14 +29,21 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean")
+from jaxsearch.registry import Registry
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm")
 KL_KINDS = ("kl", "abs", "mse", "low_var_kl")
+RATIO_LEVELS = ("token", "sequence")
 _KL_ALIASES = {"k1": "kl", "k2": "mse", "k3": "low_var_kl"}
+
+PolicyLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
 
 # verl clamps the log-ratio before exp (numerical safety) and k3 after it.
 _LOG_RATIO_CLAMP = 20.0
@@ -47,6 +66,27 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   logits = logits.astype(jnp.float32)
   picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+  """Entropy of the softmax distribution at every position, computed stably in float32.
+
+  `H = -sum_v p_v log p_v` with `log p = log_softmax(logits)`; entries with p = 0 (logits
+  of -inf, e.g. a vocabulary mask) contribute exactly 0, with a finite gradient.
+
+  Args:
+    logits: [N, T, V] (or any [..., V]) unnormalised scores, any float dtype.
+
+  Returns:
+    [N, T] float32 entropies in nats, in [0, log V]. Reduce with `aggregate(h, mask)`.
+
+  Example:
+    >>> h = entropy_from_logits(jnp.zeros([1, 2, 4]))   # [[log 4, log 4]]
+  """
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  p = jnp.exp(logp)
+  safe = jnp.where(p > 0, logp, 0.0)
+  return -jnp.sum(p * safe, axis=-1)
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -85,26 +125,38 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
   return masked_sum(x, mask, axis) / jnp.maximum(count, 1)
 
 
-def aggregate(x: jax.Array, mask: jax.Array, agg: str = "token-mean") -> jax.Array:
+def aggregate(x: jax.Array, mask: jax.Array, agg: str = "token-mean", *,
+              norm_length: Optional[Union[int, float, jax.Array]] = None) -> jax.Array:
   """Reduces a per-token loss [N, T] to a scalar with one of `AGG_MODES`.
 
   Args:
     x: [N, T] per-token values.
     mask: [N, T] bool, tokens that count.
-    agg: "token-mean" or "seq-mean-token-mean" (see the module docstring).
+    agg: One of `AGG_MODES` (see the module docstring); a Python string.
+    norm_length: The constant divisor of "seq-mean-token-sum-norm" (e.g. the maximum
+      response length); None means T = x.shape[-1]. Ignored by the other modes.
 
   Returns:
     [] float32; 0 when the mask is empty.
 
   Example:
-    >>> a = aggregate(jnp.array([[1., 1.], [4., 0.]]), jnp.array([[1, 1], [1, 0]], bool),
-    ...               "seq-mean-token-mean")   # (1 + 4) / 2 = 2.5; "token-mean": 2.
+    >>> x, m = jnp.array([[1., 1.], [4., 0.]]), jnp.array([[1, 1], [1, 0]], bool)
+    >>> a = aggregate(x, m, "seq-mean-token-mean")       # (1 + 4) / 2 = 2.5
+    >>> b = aggregate(x, m, "token-mean")                # (1 + 1 + 4) / 3 = 2
+    >>> c = aggregate(x, m, "seq-mean-token-sum")        # (2 + 4) / 2 = 3
+    >>> d = aggregate(x, m, "seq-mean-token-sum-norm", norm_length=4)   # 6 / 4 = 1.5
   """
   if agg == "token-mean":
     return masked_mean(x, mask)
   if agg == "seq-mean-token-mean":
     row_mean = masked_mean(x, mask, axis=-1)                # [N]
     return masked_mean(row_mean, jnp.any(mask, axis=-1))   # over rows with >= 1 token
+  if agg == "seq-mean-token-sum":
+    row_sum = masked_sum(x, mask, axis=-1)                  # [N]
+    return masked_mean(row_sum, jnp.any(mask, axis=-1))
+  if agg == "seq-mean-token-sum-norm":
+    divisor = x.shape[-1] if norm_length is None else norm_length
+    return masked_sum(x, mask) / jnp.asarray(divisor, jnp.float32)
   raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
@@ -153,37 +205,63 @@ def _check_shapes(logp, mask, advantages):
                      f"{advantages.shape}")
 
 
+@POLICY_LOSSES.register("ppo")
 def ppo_policy_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Array,
                     mask: jax.Array, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                    agg: str = "token-mean") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """PPO clipped surrogate loss over the masked tokens.
+                    dual_clip: Optional[float] = None, agg: str = "token-mean",
+                    ratio_level: str = "token", token_weights: Optional[jax.Array] = None,
+                    norm_length: Optional[Union[int, float]] = None,
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO clipped surrogate loss over the masked tokens (+ dual clip, GSPO, IS weights).
 
-  Per token: ratio = exp(logp - old_logp), and
-  `pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))`,
-  reduced with `aggregate(pg, mask, agg)`. The log-ratio is clamped to [-20, 20] before exp
-  (as verl does), and set to 0 at masked positions before exp, so arbitrary values there
-  can give neither inf nor NaN gradients.
+  Per token: ratio = exp(logp - old_logp) and
+    `pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))`;
+  with `dual_clip = c > 1` (Ye et al. 2020, verl's `clip_ratio_c`), tokens with A < 0 use
+    `pg = min(pg, -A * c)`, which bounds the loss when a bad token's ratio explodes;
+  with `token_weights` w (e.g. `regularizers.truncated_is_weights`), `pg = w * pg` (w is
+  treated as a constant). The loss is `aggregate(pg, mask, agg, norm_length=norm_length)`.
+
+  `ratio_level="sequence"` is GSPO (Zheng et al. 2025): the ratio of row i is the geometric
+  mean of its token ratios, `s_i = exp(mean_t(logp - old_logp))` over its masked tokens,
+  and it is clipped at sequence level. It is implemented as GSPO-token, per token
+  `s_it = sg(s_i) * exp(logp_t - sg(logp_t))` (value s_i, gradient s_i * d logp_t); with
+  [N] advantages and agg="seq-mean-token-mean" this equals GSPO's sequence objective
+  exactly (`gspo_policy_loss` has those defaults).
+
+  The log-ratio is clamped to [-20, 20] before exp (as verl does) and set to 0 at masked
+  positions, so arbitrary values there give neither inf nor NaN gradients.
 
   Args:
     logp: [N, T] float32 log-probs of the sampled tokens under the policy being trained.
     old_logp: [N, T] log-probs under the behaviour policy; None means on-policy
       (`stop_gradient(logp)`, ratio 1).
-    advantages: [N] (broadcast over tokens) or [N, T] float.
+    advantages: [N] (broadcast over tokens) or [N, T] float, used as given (stop their
+      gradient if they depend on the parameters being differentiated).
     mask: [N, T] bool, the policy's tokens.
     clip_low: Lower clip range (ratio >= 1 - clip_low).
     clip_high: Upper clip range (ratio <= 1 + clip_high; DAPO's clip-higher sets it larger).
+    dual_clip: None, or the dual-clip constant c > 1 (verl's default is 3).
     agg: One of `AGG_MODES`.
+    ratio_level: "token" (PPO) or "sequence" (GSPO).
+    token_weights: Optional [N, T] non-negative per-token weights multiplying the loss.
+    norm_length: Divisor of agg="seq-mean-token-sum-norm" (see `aggregate`).
 
   Returns:
     (loss [] float32, metrics) with metrics, each a masked token mean unless stated:
       "clip_frac": fraction of tokens where the clipped term is the active one;
-      "approx_kl": k3 estimate of KL(old || new), `ratio - 1 - log ratio`;
-      "ratio_mean"; "ratio_max": max over masked tokens (0 if none).
+      "dual_clip_frac": fraction of tokens (A < 0) where the dual clip is active (0 if off);
+      "approx_kl": k3 estimate of KL(old || new) from token ratios, `r - 1 - log r`;
+      "ratio_mean"; "ratio_min" / "ratio_max": min / max over masked tokens (0 if none),
+      of the ratio that is clipped (the sequence ratio under GSPO).
 
   Example:
     >>> lp, mask = jnp.log(jnp.full([2, 3], .5)), jnp.ones([2, 3], bool)
     >>> loss, m = ppo_policy_loss(lp, lp, jnp.array([1., -1.]), mask)   # ratio 1: loss 0
   """
+  if ratio_level not in RATIO_LEVELS:
+    raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+  if dual_clip is not None and not dual_clip > 1.0:
+    raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
   logp = jnp.asarray(logp, jnp.float32)
   mask = jnp.asarray(mask).astype(bool)
   advantages = jnp.asarray(advantages, jnp.float32)
@@ -192,26 +270,81 @@ def ppo_policy_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: 
     old_logp = jax.lax.stop_gradient(logp)
   if advantages.ndim == 1:
     advantages = advantages[:, None]
-  log_ratio = jnp.where(mask, logp - jnp.asarray(old_logp, jnp.float32), 0.0)
-  log_ratio = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+  advantages = jnp.where(mask, advantages, 0.0)                            # [N, T]
+  tok_log_ratio = jnp.where(mask, logp - jnp.asarray(old_logp, jnp.float32), 0.0)
+  tok_log_ratio = jnp.clip(tok_log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+  if ratio_level == "token":
+    log_ratio = tok_log_ratio
+  else:
+    seq_log_ratio = masked_mean(tok_log_ratio, mask, axis=-1)             # [N]
+    live = jnp.where(mask, logp - jax.lax.stop_gradient(logp), 0.0)
+    log_ratio = jax.lax.stop_gradient(seq_log_ratio)[:, None] + live
+    log_ratio = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
   ratio = jnp.exp(log_ratio)                                               # [N, T]
   pg_unclipped = -advantages * ratio
   pg_clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   pg = jnp.maximum(pg_unclipped, pg_clipped)                               # [N, T]
-  loss = aggregate(pg, mask, agg)
+  if dual_clip is not None:
+    pg_dual = -advantages * dual_clip
+    dual_active = (advantages < 0) & (pg > pg_dual)
+    pg = jnp.where(advantages < 0, jnp.minimum(pg, pg_dual), pg)
+  else:
+    dual_active = jnp.zeros_like(mask)
+  if token_weights is not None:
+    weights = jax.lax.stop_gradient(jnp.asarray(token_weights, jnp.float32))
+    if weights.shape != logp.shape:
+      raise ValueError(f"token_weights must be [N, T] = {logp.shape}, got {weights.shape}")
+    pg = jnp.where(mask, weights, 0.0) * pg
+  loss = aggregate(pg, mask, agg, norm_length=norm_length)
+  tok_ratio = jnp.exp(tok_log_ratio)
+  any_tok = jnp.any(mask)
   metrics = {
       "clip_frac": masked_mean((pg_clipped > pg_unclipped).astype(jnp.float32), mask),
-      "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+      "dual_clip_frac": masked_mean(dual_active.astype(jnp.float32), mask),
+      "approx_kl": masked_mean(tok_ratio - 1.0 - tok_log_ratio, mask),
       "ratio_mean": masked_mean(ratio, mask),
+      "ratio_min": jnp.where(any_tok, jnp.min(jnp.where(mask, ratio, jnp.inf)), 0.0),
       "ratio_max": jnp.max(jnp.where(mask, ratio, 0.0)),
   }
   return loss, jax.lax.stop_gradient(metrics)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_policy_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Array,
+                     mask: jax.Array, *, clip_low: float = 3e-4, clip_high: float = 4e-4,
+                     agg: str = "seq-mean-token-mean", **kwargs,
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GSPO: `ppo_policy_loss` with the sequence-level (geometric-mean) ratio.
+
+  Per row, `s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|)` and
+  `loss_i = max(-A_i s_i, -A_i clip(s_i, 1 - clip_low, 1 + clip_high))`, averaged over
+  rows (agg="seq-mean-token-mean"). The defaults are the GSPO paper's clip ranges, which
+  are tiny because a sequence ratio moves far less than a token ratio.
+
+  Args:
+    logp, old_logp, advantages, mask: as `ppo_policy_loss` (advantages normally [N]).
+    clip_low, clip_high: Sequence-ratio clip ranges.
+    agg: Aggregation; keep "seq-mean-token-mean" for the paper's objective.
+    **kwargs: Passed on to `ppo_policy_loss` (dual_clip, token_weights, norm_length).
+
+  Returns:
+    (loss [], metrics) as `ppo_policy_loss`.
+
+  Example:
+    >>> lp, mask = jnp.log(jnp.full([2, 3], .5)), jnp.ones([2, 3], bool)
+    >>> loss, m = gspo_policy_loss(lp, lp, jnp.array([1., 3.]), mask)   # -2
+  """
+  return ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low,
+                         clip_high=clip_high, agg=agg, ratio_level="sequence", **kwargs)
 
 
 def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional[jax.Array],
               advantages: jax.Array, mask: jax.Array, *, clip_eps: float = 0.2,
               clip_eps_high: Optional[float] = None, kl_coef: float = 0.04,
               kl_kind: str = "low_var_kl", agg: str = "token-mean",
+              dual_clip: Optional[float] = None, ratio_level: str = "token",
+              token_weights: Optional[jax.Array] = None,
+              norm_length: Optional[Union[int, float]] = None,
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO loss: PPO clipped surrogate plus `kl_coef` times the aggregated KL to a reference.
 
@@ -230,6 +363,8 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
     kl_coef: KL weight (a Python float or a traced scalar).
     kl_kind: One of `KL_KINDS`, see `kl_penalty`.
     agg: One of `AGG_MODES`, used for both the policy and the KL term.
+    dual_clip, ratio_level, token_weights, norm_length: see `ppo_policy_loss`
+      (token_weights weigh the policy term only).
 
   Returns:
     (loss [] float32, metrics): the `ppo_policy_loss` metrics plus "pg_loss" and "kl"
@@ -241,7 +376,9 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
   """
   pg_loss, metrics = ppo_policy_loss(
       logp, old_logp, advantages, mask, clip_low=clip_eps,
-      clip_high=clip_eps if clip_eps_high is None else clip_eps_high, agg=agg)
+      clip_high=clip_eps if clip_eps_high is None else clip_eps_high, agg=agg,
+      dual_clip=dual_clip, ratio_level=ratio_level, token_weights=token_weights,
+      norm_length=norm_length)
   skip_kl = isinstance(kl_coef, (int, float)) and kl_coef == 0
   if skip_kl:
     kl = jnp.zeros([], jnp.float32)
@@ -252,9 +389,10 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
                        "or set kl_coef=0")
     mask = jnp.asarray(mask).astype(bool)
     logp = jnp.asarray(logp, jnp.float32)
-    # Masked positions get ref == logp (zero penalty, zero gradient, whatever they hold).
-    ref = jnp.where(mask, jnp.asarray(ref_logp, jnp.float32), jax.lax.stop_gradient(logp))
-    kl = aggregate(kl_penalty(logp, ref, kl_kind), mask, agg)
+    # Masked positions become 0 on both sides (zero penalty and gradient, even for NaN).
+    lp = jnp.where(mask, logp, 0.0)
+    ref = jnp.where(mask, jnp.asarray(ref_logp, jnp.float32), 0.0)
+    kl = aggregate(kl_penalty(lp, ref, kl_kind), mask, agg, norm_length=norm_length)
     loss = pg_loss + kl_coef * kl
   metrics = dict(metrics, pg_loss=jax.lax.stop_gradient(pg_loss),
                  kl=jax.lax.stop_gradient(kl))
