@@ -1,7 +1,8 @@
 """The benchmarks in smoke mode: their JSON, and the parity each one reports.
 
 `benchmarks/rollout.py`: greedy parity of the two rollouts; `benchmarks/sampler.py`: jaxsearch's
-sampler and transformers' `generate` produce the same greedy tokens from the same weights.
+sampler and transformers' `generate` produce the same greedy tokens from the same weights;
+`benchmarks/encoder.py`: the same MiniLM embeddings from both.
 """
 from __future__ import annotations
 
@@ -137,6 +138,22 @@ class SamplerBenchmarkTest(absltest.TestCase):
       self.assertEqual(r["rows_identical_fraction"], 1.0)
       np.testing.assert_allclose(r["tokens_per_s"], r["batch"] * 16 / r["seconds"], rtol=1e-6)
     shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class EncoderBenchmarkTest(absltest.TestCase):
+
+  def test_smoke_rows_and_embedding_parity_with_transformers(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "encoder.py"), "--smoke"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    rows = json.loads(proc.stdout)
+    self.assertEqual([r["impl"] for r in rows], ["jaxsearch", "transformers"])
+    for r in rows:
+      self.assertEqual(r["passages"], 16)
+      self.assertLess(r["max_abs_diff"], 1e-5)
+      np.testing.assert_allclose(r["passages_per_s"], 16 / r["seconds"], rtol=1e-6)
 
 
 if __name__ == "__main__":
