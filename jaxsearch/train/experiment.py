@@ -26,7 +26,7 @@ from jaxsearch.rollout.search_env import (EnvTokens, RolloutConfig, block_width,
                                           information_block, make_rollout_fn)
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.sharding import MeshConfig
-from jaxsearch.train.steps import GRPOConfig
+from jaxsearch.train.steps import CriticConfig, GRPOConfig
 from jaxsearch.types import PyTree
 
 
@@ -58,20 +58,25 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
-  """RL (GRPO) phase settings.
+  """RL phase settings (GRPO, its variants, or PPO).
 
   Attributes:
-    steps: GRPO updates (each on a fresh batch of B questions x G episodes).
-    grpo: GRPO hyperparameters.
-    optimizer: optimizer settings.
+    steps: RL updates (each on a fresh batch of B questions x G episodes).
+    grpo: the algorithm: advantage estimator and policy-loss options (`steps.GRPOConfig`).
+    critic: PPO's critic (used only with `grpo.advantage == "gae"`).
+    optimizer: the policy's optimizer settings.
     reward_weights: reward name -> weight (names from `jaxsearch.rewards.REWARDS`).
+    init_from: "" or the workdir of another run whose tokenizer and finished SFT checkpoint
+      this run starts from (copied in; SFT runs once for several RL runs, see `loop`).
   """
 
   steps: int = 150
   grpo: GRPOConfig = GRPOConfig()
+  critic: CriticConfig = CriticConfig()
   optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=5)
   reward_weights: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: {"exact_match": 1.0, "format": 0.1})
+  init_from: str = ""
 
   def __post_init__(self):
     if self.steps < 0:

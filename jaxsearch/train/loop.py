@@ -1,19 +1,38 @@
-"""The host loop: warm start (SFT), evaluation, GRPO, evaluation. It only calls pure pieces.
+"""The host loop: warm start (SFT), evaluation, RL (GRPO family or PPO), evaluation.
+
+It only calls pure pieces (`steps.py`). The RL algorithm is `RLConfig.grpo` (advantage
+estimator, loss options); PPO (`advantage="gae"`) trains a critic alongside the policy.
 
 Workdir layout:
   tokenizer.model          the tokenizer (trained on the world or the pretrained model's; reused
                            on resume)
   checkpoints/sft, /rl     orbax checkpoints (state + JSON metadata)
+  checkpoints/critic       PPO's critic, saved at the same steps as checkpoints/rl
   eval_*.json              evaluation results as they are produced (closed book, SFT, RL)
   summary.json             final metrics: closed_book_em, sft_em, rl_em (+ F1, search stats)
+  metrics.jsonl            every scalar written (sft/*, rl/*, eval/*, validation/*)
   events.out.tfevents.*    TensorBoard scalars (clu)
 A second run with the same workdir resumes from the latest checkpoint of the latest phase.
+
+Sharing a warm start: with `RLConfig.init_from = "<other workdir>"` a fresh workdir first
+copies that run's tokenizer and finished SFT checkpoint (and its closed-book / SFT evaluations
+when the evaluation settings match), so several RL algorithms start from the same SFT
+parameters while SFT runs once. The two runs must agree on the world, tokenizer size, model,
+pretrained checkpoint and SFT settings (a ValueError names the fields that differ).
+
+RL telemetry, every step (`rl/` in metrics.jsonl and TensorBoard): entropy (mean over policy
+tokens, from the loss's logits), kl (to the reference), clip_frac, ratio_min / ratio_max,
+approx_kl, adv_mean / adv_std (over policy tokens), zero_var_frac (groups whose rewards are
+all equal), response_length (policy tokens per episode), searches (search calls per episode),
+em, reward, and for PPO value_loss, explained_variance, vf_clipfrac, critic_warmup.
 """
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +40,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from jaxsearch import losses, metrics as metrics_lib
+from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
 from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import load_tokenizer, save_tokenizer
@@ -30,11 +49,14 @@ from jaxsearch.train.experiment import Experiment, RunConfig, setup
 from jaxsearch.train import sharding
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.state import TrainState
-from jaxsearch.train.steps import (PolicyGradientBatch, make_grpo_update_fn, make_sft_update_fn,
-                                   sequence_logprobs)
+from jaxsearch.train.steps import (CriticBatch, CriticConfig, GRPOConfig, PolicyGradientBatch,
+                                   batch_statistics, init_critic_params, make_critic,
+                                   make_critic_update_fn, make_gae_fn, make_policy_update_fn,
+                                   make_sft_update_fn, outcome_advantages, sequence_logprobs)
 from jaxsearch.types import SequenceBatch
 
-PROGRESS_KEYS = ("reward", "em", "searches", "loss", "kl", "tokens_per_s", "s_per_step")
+PROGRESS_KEYS = ("reward", "em", "searches", "loss", "kl", "entropy", "value_loss",
+                 "explained_variance", "tokens_per_s", "s_per_step")
 SFT_LOG_EVERY = 25   # SFT steps take ~0.2 s on CPU: a line per 25 of them
 
 
@@ -53,6 +75,8 @@ def run(config: RunConfig, workdir: str, *,
   """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
+  if config.rl.init_from:
+    share_warm_start(config, workdir)
   tok_path = os.path.join(workdir, "tokenizer.model")
   tokenizer = load_tokenizer(tok_path) if os.path.exists(tok_path) else None
   exp = setup(config, tokenizer=tokenizer)
@@ -96,7 +120,7 @@ def _run(exp, config, workdir, mesh, params, t_start, after_first_step):
   for name, kwargs in (("closed_book", dict(closed_book=True)), ("sft", {})):
     summary.update(_cached_eval(exp, sft_params, questions, eval_rng, workdir, name, writer,
                                 step=config.sft.steps, **kwargs))
-  # 3. GRPO from the warm start, with the warm start as the KL reference.
+  # 3. RL from the warm start, with the warm start as the KL reference.
   rl_params = train_rl(exp, sft_params, workdir, writer, first_step_done, mesh)
   summary.update(_cached_eval(exp, rl_params, questions, eval_rng, workdir, "rl", writer,
                               step=config.sft.steps + config.rl.steps))
@@ -107,6 +131,63 @@ def _run(exp, config, workdir, mesh, params, t_start, after_first_step):
   writer.flush()
   logging.info("summary: %s", summary)
   return summary
+
+
+# What must agree between a run and the `init_from` run whose SFT it takes (RunConfig fields).
+WARM_START_FIELDS = ("world", "tokenizer_vocab_size", "model", "pretrained", "sft")
+# ... and, for its closed-book / SFT evaluations to be reused too.
+EVAL_FIELDS = ("seed", "bm25", "rollout", "eval_temperature", "eval_split", "eval_batch_size")
+SHARED_EVALS = ("eval_closed_book.json", "eval_sft.json")
+
+
+def share_warm_start(config: RunConfig, workdir: str) -> bool:
+  """Copies `config.rl.init_from`'s tokenizer and finished SFT checkpoint into `workdir`.
+
+  Does nothing when `workdir` already has an SFT checkpoint (a resumed run). The evaluations
+  of the SFT policy are copied too when the evaluation settings (and reward weights) match.
+
+  Returns:
+    Whether anything was copied.
+
+  Raises:
+    FileNotFoundError: `init_from` is not a run's workdir.
+    ValueError: the two runs' warm-start settings differ, or `init_from` has not finished SFT.
+  """
+  from jaxsearch.train.workdir import load_config  # noqa: PLC0415
+  source = config.rl.init_from
+  dst = os.path.join(workdir, "checkpoints", "sft")
+  if os.path.isdir(dst) and any(d.isdigit() for d in os.listdir(dst)):
+    return False
+  src_config = load_config(source)
+  differ = [f"RunConfig.{f}" for f in WARM_START_FIELDS
+            if getattr(src_config, f) != getattr(config, f)]
+  if differ:
+    raise ValueError(f"RLConfig.init_from={source!r} was trained with different {differ}: a "
+                     "shared warm start needs the same world, tokenizer, model and SFT settings")
+  src = os.path.join(source, "checkpoints", "sft")
+  steps = sorted(int(d) for d in os.listdir(src) if d.isdigit()) if os.path.isdir(src) else []
+  if config.sft.steps and config.sft.steps not in steps:
+    raise ValueError(f"RLConfig.init_from={source!r} has no finished SFT checkpoint (step "
+                     f"{config.sft.steps}); it has steps {steps}: run it first")
+  same_eval = (all(getattr(src_config, f) == getattr(config, f) for f in EVAL_FIELDS)
+               and dict(src_config.rl.reward_weights) == dict(config.rl.reward_weights))
+  if jax.process_index() == 0:
+    shutil.copy2(os.path.join(source, "tokenizer.model"), os.path.join(workdir, "tokenizer.model"))
+    for name in SHARED_EVALS if same_eval else ():
+      if os.path.exists(os.path.join(source, name)):
+        shutil.copy2(os.path.join(source, name), os.path.join(workdir, name))
+    if steps:   # SFT_STEPS = 0 has no checkpoint: only the tokenizer is shared
+      tmp = dst + ".copying"
+      shutil.rmtree(tmp, ignore_errors=True)
+      shutil.copytree(src, tmp)
+      if os.path.exists(dst):
+        shutil.rmtree(dst)   # holds no step (checked above): left by an interrupted attempt
+      os.replace(tmp, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("share_warm_start")
+  logging.info("warm start (tokenizer, SFT step %d) copied from %s", config.sft.steps, source)
+  return True
 
 
 def bucket_width(length: int, max_len: int, multiple: int = 32) -> int:
@@ -194,21 +275,133 @@ def warm_start(exp: Experiment, params, workdir, writer, first_step_done, mesh):
   return state.params
 
 
+class RLBatch(NamedTuple):
+  """What one RL update needs of a scored rollout (host or device arrays)."""
+
+  tokens: jax.Array        # [N, T] int32, whole episodes
+  policy_mask: jax.Array   # [N, T] bool, the policy's tokens
+  rewards: jax.Array       # [N] float32 episode rewards
+  group_ids: jax.Array     # [N] int32, rows of one question share an id
+  num_searches: jax.Array  # [N] int32 search calls per episode (strata of "stratified")
+
+
+class RLUpdater:
+  """The jitted pieces of one RL update, wired for the configured algorithm.
+
+  `__call__` computes the reference / behaviour log-probs it needs, the advantages (an outcome
+  estimator, or the critic's GAE for PPO), updates the critic (PPO) and then the policy
+  (`updates_per_batch` steps each; the policy is left untouched when `train_policy` is False,
+  the critic warm-up). States are donated.
+
+  Example:
+    >>> updater = RLUpdater(apply_fn, GRPOConfig(advantage="rloo"))
+    >>> policy_state, _, metrics = updater(policy_state, None, ref_params, batch)
+  """
+
+  def __init__(self, apply_fn: Callable, config: GRPOConfig, *,
+               critic: CriticConfig | None = None, value_apply_fn: Callable | None = None,
+               norm_length: int | None = None):
+    if config.uses_critic and (critic is None or value_apply_fn is None):
+      raise ValueError("GRPOConfig.advantage='gae' (PPO) needs a critic config and a value "
+                       "apply function")
+    self.config = config
+    self.uses_critic = config.uses_critic
+    self.policy_update = jax.jit(make_policy_update_fn(apply_fn, config, norm_length=norm_length),
+                                 donate_argnums=0)
+    self.logprob_fn = jax.jit(functools.partial(sequence_logprobs, apply_fn))
+    self.adv_fn = jax.jit(functools.partial(outcome_advantages, config))
+    self.stats_fn = jax.jit(batch_statistics)
+    if self.uses_critic:
+      self.gae_fn = jax.jit(make_gae_fn(value_apply_fn, critic))
+      self.critic_update = jax.jit(make_critic_update_fn(value_apply_fn, critic),
+                                   donate_argnums=0)
+
+  def __call__(self, policy_state: TrainState, critic_state: TrainState | None, ref_params,
+               batch: RLBatch, *, train_policy: bool = True):
+    g = self.config
+    metrics = dict(self.stats_fn(batch.rewards, batch.group_ids, batch.policy_mask))
+    if self.uses_critic:
+      adv, returns, values = self.gae_fn(critic_state.params, batch.tokens, batch.policy_mask,
+                                         batch.rewards)
+      critic_batch = CriticBatch(batch.tokens, batch.policy_mask, values, returns)
+      for i in range(g.updates_per_batch):
+        critic_state, cm = self.critic_update(critic_state, critic_batch)
+        if i == 0:   # measured on the values the advantages were computed with
+          metrics.update(cm)
+    else:
+      adv = self.adv_fn(batch.rewards, batch.group_ids, batch.num_searches)
+    metrics["critic_warmup"] = jnp.asarray(0.0 if train_policy else 1.0)
+    if train_policy:
+      ref_logp = self.logprob_fn(ref_params, batch.tokens) if g.kl_coef else None
+      old_logp = self.logprob_fn(policy_state.params, batch.tokens) if g.needs_old_logp else None
+      pg_batch = PolicyGradientBatch(batch.tokens, batch.policy_mask, adv, old_logp, ref_logp)
+      for _ in range(g.updates_per_batch):
+        policy_state, m = self.policy_update(policy_state, pg_batch)
+      metrics.update(m)
+    return policy_state, critic_state, metrics
+
+
+def _restore_at(ckpt: Checkpointer, directory: str, step: int, state: TrainState,
+                what: str) -> TrainState:
+  if not os.path.isdir(os.path.join(directory, str(step))):
+    raise FileNotFoundError(f"the {what} checkpoint of step {step} is missing from "
+                            f"{directory}: the policy was saved at that step, so the "
+                            "workdir is damaged")
+  tree, _ = ckpt.restore(step, _checkpointed(state))
+  return state.replace(**tree)
+
+
+def init_critic_state(exp: Experiment, policy_params, mesh) -> TrainState:
+  """The PPO critic: a `ValueModel` whose trunk starts as `policy_params`, its own optimizer."""
+  cfg = exp.config.rl
+  critic, value_apply_fn = make_critic(exp.model.config, cfg.critic.head)
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  params, specs = init_critic_params(critic, policy_params,
+                                     jax.random.fold_in(jax.random.key(exp.config.seed), 4),
+                                     init_rows=rows)
+  params = jax.device_put(params, sharding.param_shardings(specs, mesh))
+  logging.info("critic parameters: %d", sum(x.size for x in jax.tree.leaves(params)))
+  return TrainState.create(apply_fn=value_apply_fn, params=params,
+                           tx=make_optimizer(cfg.critic.optimizer, cfg.steps))
+
+
 def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh):
-  """GRPO from `ref_params`, which also serve as the frozen KL reference; returns final params."""
+  """RL from `ref_params`, which also serve as the frozen KL reference; returns final params.
+
+  The algorithm is `RLConfig.grpo` (the advantage estimator, the loss options); with
+  `advantage="gae"` (PPO) a critic is trained alongside, checkpointed in `checkpoints/critic`
+  at the same steps as the policy, and the first `critic.warmup_steps` steps train only it.
+  Every step writes `rl/*` telemetry (listed in the module docstring).
+  """
   cfg, g = exp.config.rl, exp.config.rl.grpo
-  # A copy: the update donates the state's buffers, and the reference must survive it.
+  warmup = cfg.critic.warmup_steps if g.uses_critic else 0
+  # A copy: the update donates the state's buffers, and the reference must survive it. The
+  # policy's schedule starts after the critic warm-up (its optimizer sees no step before).
   state = TrainState.create(apply_fn=exp.apply_fn, params=jax.tree.map(jnp.copy, ref_params),
-                            tx=make_optimizer(cfg.optimizer, cfg.steps))
+                            tx=make_optimizer(cfg.optimizer, max(cfg.steps - warmup, 1)))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
+  critic_state = critic_ckpt = None
+  if g.uses_critic:
+    critic_state = init_critic_state(exp, ref_params, mesh)
+    critic_dir = os.path.join(workdir, "checkpoints", "critic")
+    critic_ckpt = Checkpointer(critic_dir)
   state, _ = _restore_or(ckpt, state)
-  start = int(state.step)
-  update = jax.jit(make_grpo_update_fn(exp.apply_fn, g), donate_argnums=0)
-  logprob_fn = jax.jit(lambda p, t: sequence_logprobs(exp.apply_fn, p, t))
-  adv_fn = jax.jit(lambda r, gid: losses.grpo_advantages(r, gid, scale=g.advantage_scale))
+  # The RL step is the checkpoint's step (the optimizer's count differs with several updates
+  # per batch or a critic warm-up).
+  start = ckpt.latest_step() or 0
+  if critic_state is not None and start:
+    critic_state = _restore_at(critic_ckpt, critic_dir, start, critic_state, "critic")
+  updater = RLUpdater(exp.apply_fn, g, critic=cfg.critic if g.uses_critic else None,
+                      value_apply_fn=critic_state.apply_fn if g.uses_critic else None,
+                      norm_length=exp.config.rollout.max_len)
+  if start < cfg.steps and jax.process_index() == 0:
+    # The final evaluation of an earlier, shorter run of this workdir no longer holds.
+    stale = os.path.join(workdir, "eval_rl.json")
+    if os.path.exists(stale):
+      os.remove(stale)
   train_qs = exp.world.splits["train"]
   rng = jax.random.fold_in(jax.random.key(exp.config.seed), 3)
-  group_ids = np.repeat(np.arange(g.prompts_per_step), g.num_generations)
+  group_ids = np.repeat(np.arange(g.prompts_per_step, dtype=np.int32), g.num_generations)
   for step in range(start, cfg.steps):
     t0 = time.time()
     pick = np.random.default_rng([exp.config.seed, 2, step]).choice(
@@ -223,24 +416,20 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
     scored = eval_lib.score_rollout(rollout, lens, [q.answers for q in rows_qs], exp.tokenizer,
                                     exp.reward_fn)
     t_rollout = time.time() - t0
-    width = bucket_width(int(scored.rollout.lengths.max()), scored.rollout.tokens.shape[1])
-    tokens = sharding.shard_batch(scored.rollout.tokens[:, :width], mesh)
-    ref_logp = logprob_fn(ref_params, tokens) if g.kl_coef else None
-    old_logp = logprob_fn(state.params, tokens) if g.updates_per_batch > 1 else None
-    batch = PolicyGradientBatch(
-        tokens=tokens,
-        policy_mask=sharding.shard_batch(scored.rollout.policy_mask[:, :width], mesh),
-        advantages=adv_fn(*sharding.shard_batch((scored.rewards, group_ids), mesh)),
-        old_logp=old_logp, ref_logp=ref_logp)
-    for _ in range(g.updates_per_batch):
-      state, m = update(state, batch)
+    r = scored.rollout
+    width = bucket_width(int(r.lengths.max()), r.tokens.shape[1])
+    batch = sharding.shard_batch(RLBatch(
+        r.tokens[:, :width], r.policy_mask[:, :width], scored.rewards, group_ids,
+        np.asarray(r.num_searches, np.int32)), mesh)
+    state, critic_state, m = updater(state, critic_state, ref_params, batch,
+                                     train_policy=step >= warmup)
     if step == start:
       first_step_done()
     m = metrics_lib.to_python(m)
     m.update(eval_lib.episode_metrics(scored, rows_qs, exp.world))
     dt = time.time() - t0
     m.update(s_per_step=dt, rollout_s=t_rollout,
-             tokens_per_s=float(np.sum(scored.rollout.lengths)) / dt)
+             tokens_per_s=float(np.sum(r.lengths)) / dt)
     writer.write_scalars(step + 1, {f"rl/{k}": v for k, v in m.items()})
     print(metrics_lib.progress_line("rl", step + 1, cfg.steps, m, PROGRESS_KEYS), flush=True)
     if exp.config.eval_every and (step + 1) % exp.config.eval_every == 0:
@@ -249,6 +438,10 @@ def train_rl(exp: Experiment, ref_params, workdir, writer, first_step_done, mesh
       writer.write_scalars(step + 1, {f"validation/{k}": v for k, v in vm.items()})
       print(f"[validation {step + 1}] em={vm['em']:.3f} searches={vm['searches']:.2f}", flush=True)
     if (step + 1) % exp.config.checkpoint_every == 0 or step + 1 == cfg.steps:
+      if critic_state is not None:   # first: a policy checkpoint always has its critic
+        critic_ckpt.save(step + 1, _checkpointed(critic_state), {"phase": "critic"})
       ckpt.save(step + 1, _checkpointed(state), {"phase": "rl"})
   ckpt.close()
+  if critic_ckpt is not None:
+    critic_ckpt.close()
   return state.params

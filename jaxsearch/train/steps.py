@@ -1,4 +1,41 @@
-"""Pure update steps: supervised warm start and GRPO. The caller jits and shards them."""
+"""Pure update steps: supervised warm start, policy-gradient RL (GRPO family and PPO), critic.
+
+Every RL algorithm is one objective over the policy's tokens (`mask`), selected by
+`GRPOConfig` (the name is kept for existing gin files; it configures every algorithm):
+
+  loss = policy_loss(logp, old_logp, A, mask)           clipped surrogate (clip low / high,
+                                                        dual clip, token or sequence ratio)
+       + kl_coef      * agg(KL(pi || pi_ref))           k1 / abs / k2 / k3 to the warm start
+       - entropy_coef * agg(H(pi))                      entropy bonus
+       + llds_coef    * LLDS(logp, old_logp)            likelihood-preserving regulariser
+
+The advantages `A` come from
+  - an outcome estimator of `losses.ADVANTAGES` ([N], one per episode, `outcome_advantages`):
+    "grpo" (scale group / batch / none), "drgrpo", "rloo", "reinforce_pp" (batch-whitened,
+    optional group baseline), "stratified" (Stratified GRPO, strata = the episode's number of
+    search calls, blended with GRPO's global normalisation);
+  - "gae" (PPO, [N, T], `make_gae_fn`): a critic (`models.heads.ValueModel`, its own trunk)
+    gives the value V_t of the state before every token; the outcome reward sits on the
+    episode's last policy token; GAE runs over policy tokens only (inserted `<information>`
+    tokens are skipped); advantages are whitened over the policy tokens of the batch, and the
+    critic regresses the lambda-returns with the clipped value loss (`make_critic_update_fn`).
+
+Alignment: `tokens [N, T]` hold whole episodes; column t of `sequence_logprobs` and
+`token_values` is about token t given tokens < t (column 0, a prompt token, is 0).
+
+LLDS compares the trainer's log-probs with the behaviour policy's (`old_logp`, the
+pre-update log-probs of the rollout's tokens). On-policy with one update per batch the two are
+equal, so the penalty and its gradient are 0: it needs `updates_per_batch >= 2`.
+
+Example:
+  >>> config = GRPOConfig(advantage="rloo", kl_coef=0.0, entropy_coef=1e-3)
+  >>> adv = outcome_advantages(config, rewards, group_ids, num_searches)        # [N]
+  >>> update = jax.jit(make_policy_update_fn(apply_fn, config), donate_argnums=0)
+  >>> state, metrics = update(state, PolicyGradientBatch(tokens, mask, adv, None, None))
+  >>> # PPO: the critic gives per-token advantages and regression targets.
+  >>> adv, returns, values = make_gae_fn(value_apply_fn, CriticConfig())(
+  ...     critic_params, tokens, mask, rewards)
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,37 +44,78 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
 from jaxsearch import losses
-from jaxsearch.losses.policy import AGG_MODES, KL_KINDS
+from jaxsearch.losses.policy import AGG_MODES, KL_KINDS, RATIO_LEVELS
+from jaxsearch.models.heads import ValueHead, ValueHeadConfig, ValueModel, load_trunk
+from jaxsearch.models.transformer import TransformerConfig
+from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree, SequenceBatch
 
 Metrics = dict[str, jax.Array]
 
+GAE = "gae"   # the critic-based (PPO) advantage; every other name is in `losses.ADVANTAGES`
+LLDS_PRESERVE = ("all", "nonnegative")
+
+
+def advantage_names() -> tuple[str, ...]:
+  """Every accepted `GRPOConfig.advantage`: the outcome estimators and "gae"."""
+  return (*losses.ADVANTAGES.names(), GAE)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-  """GRPO hyperparameters.
+  """The policy-gradient update of every RL algorithm (GRPO, Dr. GRPO, RLOO, REINFORCE++,
+  Stratified GRPO, PPO with `advantage="gae"`, GSPO, + LLDS).
 
   Attributes:
     prompts_per_step: B, questions per update.
     num_generations: G, episodes sampled per question (N = B * G rows).
-    clip_eps: PPO ratio clipping range.
-    kl_coef: weight of KL(policy || reference), k3 estimator by default.
+    advantage: the advantage estimator: a name of `losses.ADVANTAGES` ("grpo", "drgrpo",
+      "rloo", "reinforce_pp", "stratified") or "gae" (PPO; needs `RLConfig.critic`).
+    advantage_scale: "group" (GRPO), "batch", or "none" (Dr. GRPO): the std that "grpo"
+      divides by, and the scale of the global term of "stratified".
+    stratified_blend: "stratified" only: weight of the within-stratum term (1: pure SAN,
+      0: GRPO). Strata are the episodes' numbers of search calls.
+    reinforce_pp_baseline: "reinforce_pp" only: "none" (REINFORCE++) or "group"
+      (REINFORCE++-baseline: the group mean is subtracted before whitening).
+    clip_eps: lower clip range, the ratio is kept >= 1 - clip_eps.
+    clip_eps_high: upper clip range (ratio <= 1 + clip_eps_high); None means clip_eps
+      (DAPO's clip-higher sets it larger).
+    dual_clip: None, or the dual-clip constant c > 1 bounding the loss of tokens with A < 0.
+    ratio_level: "token" (PPO) or "sequence" (GSPO: the geometric mean of a row's token
+      ratios, clipped per row; use tiny clip ranges such as 3e-4 / 4e-4).
+    agg: loss aggregation, one of `losses.policy.AGG_MODES` (policy, KL, entropy, LLDS).
+    norm_length: divisor of agg="seq-mean-token-sum-norm" (Dr. GRPO); 0 means the rollout's
+      `max_len` (a constant, so the bucketed batch width never changes the loss).
+    kl_coef: weight of KL(policy || reference); the reference is the warm start.
     kl_kind: one of `losses.policy.KL_KINDS`.
-    agg: loss aggregation, one of `losses.policy.AGG_MODES`.
-    advantage_scale: "group" (GRPO), "batch", or "none" (Dr. GRPO).
+    entropy_coef: weight of the entropy bonus (0: entropy is only measured).
+    llds_coef: weight of the LLDS regulariser (0: off); needs updates_per_batch >= 2.
+    llds_preserve: the episodes LLDS protects: "all", or "nonnegative" (those whose advantage,
+      the mean over its policy tokens for GAE, is >= 0: the LLDS authors' preserving set).
     updates_per_batch: optimizer steps on each rollout batch (1 is exactly on-policy).
   """
 
   prompts_per_step: int = 8
   num_generations: int = 8
+  advantage: str = "grpo"
+  advantage_scale: str = "group"
+  stratified_blend: float = 0.5
+  reinforce_pp_baseline: str = "none"
   clip_eps: float = 0.2
+  clip_eps_high: float | None = None
+  dual_clip: float | None = None
+  ratio_level: str = "token"
+  agg: str = "token-mean"
+  norm_length: int = 0
   kl_coef: float = 0.04
   kl_kind: str = "low_var_kl"
-  agg: str = "token-mean"
-  advantage_scale: str = "group"
+  entropy_coef: float = 0.0
+  llds_coef: float = 0.0
+  llds_preserve: str = "all"
   updates_per_batch: int = 1
 
   def __post_init__(self):
@@ -46,27 +124,116 @@ class GRPOConfig:
     for name in ("prompts_per_step", "updates_per_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.advantage not in advantage_names():
+      raise ValueError(f"GRPOConfig.advantage must be one of {advantage_names()}, got "
+                       f"{self.advantage!r}")
     if self.kl_kind not in KL_KINDS:
       raise ValueError(f"GRPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
     if self.agg not in AGG_MODES:
       raise ValueError(f"GRPOConfig.agg must be one of {AGG_MODES}, got {self.agg!r}")
+    if self.ratio_level not in RATIO_LEVELS:
+      raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got "
+                       f"{self.ratio_level!r}")
     if self.advantage_scale not in ("group", "batch", "none"):
       raise ValueError("GRPOConfig.advantage_scale must be 'group', 'batch' or 'none', got "
                        f"{self.advantage_scale!r}")
+    if self.reinforce_pp_baseline not in ("none", "group"):
+      raise ValueError("GRPOConfig.reinforce_pp_baseline must be 'none' or 'group', got "
+                       f"{self.reinforce_pp_baseline!r}")
+    if not 0.0 <= self.stratified_blend <= 1.0:
+      raise ValueError(f"GRPOConfig.stratified_blend must be in [0, 1], got "
+                       f"{self.stratified_blend!r}")
+    if not self.clip_eps > 0:
+      raise ValueError(f"GRPOConfig.clip_eps must be > 0, got {self.clip_eps!r}")
+    if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+      raise ValueError(f"GRPOConfig.clip_eps_high must be None or > 0, got "
+                       f"{self.clip_eps_high!r}")
+    if self.dual_clip is not None and not self.dual_clip > 1:
+      raise ValueError(f"GRPOConfig.dual_clip must be None or > 1, got {self.dual_clip!r}")
+    if self.norm_length < 0:
+      raise ValueError(f"GRPOConfig.norm_length must be >= 0, got {self.norm_length}")
+    for name in ("kl_coef", "entropy_coef", "llds_coef"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+    if self.llds_preserve not in LLDS_PRESERVE:
+      raise ValueError(f"GRPOConfig.llds_preserve must be one of {LLDS_PRESERVE}, got "
+                       f"{self.llds_preserve!r}")
+    if self.llds_coef > 0 and self.updates_per_batch < 2:
+      raise ValueError(
+          f"GRPOConfig.llds_coef={self.llds_coef} needs updates_per_batch >= 2, got "
+          f"{self.updates_per_batch}: with one on-policy update the policy equals the behaviour "
+          "policy and the LLDS penalty is identically 0")
 
   @property
   def rows(self) -> int:
     return self.prompts_per_step * self.num_generations
 
+  @property
+  def uses_critic(self) -> bool:
+    return self.advantage == GAE
+
+  @property
+  def needs_old_logp(self) -> bool:
+    """Whether behaviour log-probs must be computed (more than one update per batch)."""
+    return self.updates_per_batch > 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CriticConfig:
+  """PPO's critic: a `ValueModel` (own trunk, initialised from the warm-started policy's
+  transformer, plus a fresh value head) trained on the lambda-returns. Used only with
+  `GRPOConfig.advantage == "gae"`.
+
+  Attributes:
+    gamma: discount per policy token.
+    lam: GAE lambda.
+    value_clip: clip range of the value loss around the rollout-time values (None: plain
+      squared error).
+    whiten_advantages: whiten the GAE advantages over the batch's policy tokens.
+    warmup_steps: the first K RL steps update only the critic (the policy is unchanged).
+    head: the value head (scalar: `num_bins` must be 0).
+    optimizer: the critic's own optimizer and learning rate.
+  """
+
+  gamma: float = 1.0
+  lam: float = 0.95
+  value_clip: float | None = 0.5
+  whiten_advantages: bool = True
+  warmup_steps: int = 0
+  head: ValueHeadConfig = ValueHeadConfig()
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=5e-4, warmup_steps=5)
+
+  def __post_init__(self):
+    for name in ("gamma", "lam"):
+      value = getattr(self, name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"CriticConfig.{name} must be in [0, 1], got {value!r}")
+    if self.value_clip is not None and not self.value_clip > 0:
+      raise ValueError(f"CriticConfig.value_clip must be None or > 0, got {self.value_clip!r}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"CriticConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.head.categorical:
+      raise ValueError(f"CriticConfig.head must be a scalar head (num_bins=0), got num_bins="
+                       f"{self.head.num_bins}")
+
 
 class PolicyGradientBatch(NamedTuple):
-  """One GRPO update's inputs."""
+  """One policy update's inputs."""
 
   tokens: jax.Array        # [N, T] int32, whole episodes
   policy_mask: jax.Array   # [N, T] bool, tokens the policy sampled (trained)
-  advantages: jax.Array    # [N] float32
+  advantages: jax.Array    # [N] (per episode) or [N, T] (per token, GAE) float32
   old_logp: jax.Array | None  # [N, T] float32 behaviour log-probs; None: on-policy (ratio 1)
   ref_logp: jax.Array | None  # [N, T] float32 reference log-probs; None when kl_coef == 0
+
+
+class CriticBatch(NamedTuple):
+  """One critic update's inputs (rollout-time values and their lambda-return targets)."""
+
+  tokens: jax.Array        # [N, T] int32, whole episodes
+  mask: jax.Array          # [N, T] bool, the policy's tokens (whose values are trained)
+  old_values: jax.Array    # [N, T] float32 values at rollout time
+  returns: jax.Array       # [N, T] float32 lambda-returns (GAE targets)
 
 
 def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array) -> jax.Array:
@@ -79,10 +246,107 @@ def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array) -> 
 
   Returns:
     [N, T] float32; column 0 (nothing predicts it) is 0.
+
+  Example:
+    >>> logp = sequence_logprobs(apply_fn, params, tokens)   # [N, T]
   """
   logits = apply_fn({"params": params}, tokens[:, :-1])
   logp = losses.token_logprobs(logits, tokens[:, 1:])
   return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def token_values(value_apply_fn: Callable, params: PyTree, tokens: jax.Array) -> jax.Array:
+  """Critic value of the state before each token (aligned with `sequence_logprobs`).
+
+  Args:
+    value_apply_fn: `value_apply_fn({"params": params}, tokens [N, T]) -> values [N, T]`,
+      value t read after token t (e.g. `ValueModel.apply`).
+    params: critic parameters.
+    tokens: [N, T] int32.
+
+  Returns:
+    [N, T] float32: column t is the value after reading tokens < t; column 0 is 0.
+
+  Example:
+    >>> v = token_values(critic.apply, critic_params, tokens)   # [N, T]
+  """
+  values = value_apply_fn({"params": params}, tokens[:, :-1])
+  return jnp.pad(jnp.asarray(values, jnp.float32), ((0, 0), (1, 0)))
+
+
+def outcome_token_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+  """Places each episode's outcome reward on its last policy token.
+
+  Args:
+    rewards: [N] float episode rewards.
+    mask: [N, T] bool, the policy's tokens.
+
+  Returns:
+    [N, T] float32, `rewards[i]` at the last True of row i, 0 elsewhere (all 0 for a row
+    without policy tokens).
+
+  Example:
+    >>> r = outcome_token_rewards(jnp.array([2.]), jnp.array([[0, 1, 1, 0]], bool))
+    >>> # [[0, 0, 2, 0]]
+  """
+  mask = jnp.asarray(mask, bool)
+  t = mask.shape[1]
+  last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=1)                 # [N], -1: none
+  onehot = jnp.arange(t)[None, :] == last[:, None]
+  return jnp.where(onehot, jnp.asarray(rewards, jnp.float32)[:, None], 0.0)
+
+
+def outcome_advantages(config: GRPOConfig, rewards: jax.Array, group_ids: jax.Array,
+                       num_searches: jax.Array) -> jax.Array:
+  """Per-episode advantages of `config.advantage` (any name but "gae").
+
+  Args:
+    config: selects the estimator and its options.
+    rewards: [N] float episode rewards.
+    group_ids: [N] int, rows answering the same question share an id.
+    num_searches: [N] int search calls per episode (the strata of "stratified").
+
+  Returns:
+    [N] float32 advantages.
+
+  Example:
+    >>> adv = outcome_advantages(GRPOConfig(advantage="rloo"), jnp.array([1., 0.]),
+    ...                          jnp.array([0, 0]), jnp.array([1, 2]))   # [1, -1]
+  """
+  name = config.advantage
+  if name == GAE:
+    raise ValueError("advantage='gae' needs a critic: use make_gae_fn")
+  fn = losses.ADVANTAGES.get(name)
+  if name == "grpo":
+    return fn(rewards, group_ids, scale=config.advantage_scale)
+  if name == "reinforce_pp":
+    return fn(rewards, group_ids, baseline=config.reinforce_pp_baseline)
+  if name == "stratified":
+    return fn(rewards, group_ids, num_searches, blend=config.stratified_blend,
+              global_scale=config.advantage_scale)
+  return fn(rewards, group_ids)
+
+
+def batch_statistics(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array) -> Metrics:
+  """Telemetry of a rollout batch that no update changes.
+
+  Args:
+    rewards: [N] float, group_ids: [N] int, mask: [N, T] bool policy tokens.
+
+  Returns:
+    {"zero_var_frac": fraction of groups whose rewards are all equal,
+     "response_length": mean policy tokens per episode, "reward_std": std of the rewards}.
+
+  Example:
+    >>> s = batch_statistics(jnp.array([1., 1., 0., 1.]), jnp.array([0, 0, 1, 1]),
+    ...                      jnp.ones([4, 3], bool))   # zero_var_frac .5, response_length 3
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  return {
+      "zero_var_frac": losses.zero_variance_fraction(rewards, group_ids),
+      "response_length": jnp.mean(jnp.sum(jnp.asarray(mask, jnp.float32), axis=1)),
+      "reward_std": jnp.std(rewards),
+  }
 
 
 def make_sft_update_fn(apply_fn: Callable) -> Callable[[TrainState, SequenceBatch], tuple[TrainState, Metrics]]:
@@ -103,33 +367,186 @@ def make_sft_update_fn(apply_fn: Callable) -> Callable[[TrainState, SequenceBatc
   return update_fn
 
 
-def make_grpo_loss_fn(apply_fn: Callable, config: GRPOConfig):
-  """The GRPO objective as a function of the parameters.
+def make_policy_loss_fn(apply_fn: Callable, config: GRPOConfig, *,
+                        norm_length: int | float | None = None):
+  """The policy objective (module docstring) as a function of the parameters.
+
+  One forward pass gives the logits; the sampled tokens' log-probs and the entropy (the
+  telemetry, and the bonus when `entropy_coef > 0`) both come from them.
+
+  Args:
+    apply_fn: `apply_fn({"params": params}, tokens) -> logits [N, T, V]`.
+    config: the algorithm.
+    norm_length: divisor of agg="seq-mean-token-sum-norm" (None: the batch width T;
+      `config.norm_length` wins when > 0).
 
   Returns:
-    `loss_fn(params, batch: PolicyGradientBatch) -> (loss [], metrics)`, pure.
+    `loss_fn(params, batch: PolicyGradientBatch) -> (loss [], metrics)`, pure. Metrics:
+    `losses.grpo_loss`'s (pg_loss, kl, clip_frac, ratio_min / max / mean, approx_kl,
+    dual_clip_frac), "entropy" (mean over policy tokens), "adv_mean" / "adv_std" (over
+    policy tokens) and, with LLDS, "llds" and its `llds_*` diagnostics.
   """
+  norm = config.norm_length or norm_length
 
   def loss_fn(params, batch: PolicyGradientBatch):
-    logp = sequence_logprobs(apply_fn, params, batch.tokens)
-    return losses.grpo_loss(
-        logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.policy_mask,
-        clip_eps=config.clip_eps, kl_coef=config.kl_coef, kl_kind=config.kl_kind, agg=config.agg)
+    mask = jnp.asarray(batch.policy_mask, bool)
+    logits = apply_fn({"params": params}, batch.tokens[:, :-1])              # [N, T-1, V]
+    logp = jnp.pad(losses.token_logprobs(logits, batch.tokens[:, 1:]), ((0, 0), (1, 0)))
+    loss, metrics = losses.grpo_loss(
+        logp, batch.old_logp, batch.ref_logp, batch.advantages, mask,
+        clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
+        kl_kind=config.kl_kind, agg=config.agg, dual_clip=config.dual_clip,
+        ratio_level=config.ratio_level, norm_length=norm)
+    # Entropy of the distribution each policy token was drawn from (column t: given < t).
+    ent_logits = logits if config.entropy_coef else jax.lax.stop_gradient(logits)
+    entropy = jnp.pad(losses.entropy_from_logits(ent_logits), ((0, 0), (1, 0)))  # [N, T]
+    if config.entropy_coef:
+      loss = loss - config.entropy_coef * losses.aggregate(entropy, mask, config.agg,
+                                                           norm_length=norm)
+    adv = jnp.broadcast_to(jnp.asarray(batch.advantages, jnp.float32).reshape(
+        mask.shape[0], -1), mask.shape)                                        # [N, T]
+    if config.llds_coef:
+      old = jax.lax.stop_gradient(logp) if batch.old_logp is None else batch.old_logp
+      rows = None
+      if config.llds_preserve == "nonnegative":
+        rows = losses.masked_mean(adv, mask, axis=1) >= 0                     # [N]
+      penalty, llds_metrics = losses.llds_penalty(logp, old, mask, rows=rows, agg=config.agg,
+                                                  norm_length=norm)
+      loss = loss + config.llds_coef * penalty
+      metrics.update(llds_metrics, llds=jax.lax.stop_gradient(penalty))
+    adv_mean = losses.masked_mean(adv, mask)
+    metrics.update(
+        entropy=jax.lax.stop_gradient(losses.masked_mean(entropy, mask)),
+        adv_mean=adv_mean,
+        adv_std=jnp.sqrt(losses.masked_mean(jnp.square(adv - adv_mean), mask)))
+    return loss, metrics
 
   return loss_fn
 
 
-def make_grpo_update_fn(apply_fn: Callable, config: GRPOConfig
-                        ) -> Callable[[TrainState, PolicyGradientBatch], tuple[TrainState, Metrics]]:
-  """One clipped-surrogate GRPO step with a KL penalty to the reference policy.
+def make_policy_update_fn(apply_fn: Callable, config: GRPOConfig, *,
+                          norm_length: int | float | None = None,
+                          ) -> Callable[[TrainState, PolicyGradientBatch],
+                                        tuple[TrainState, Metrics]]:
+  """One optimizer step on the policy objective (`make_policy_loss_fn`).
 
   Returns:
-    `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure.
+    `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure; metrics add
+    "loss" and "grad_norm" to the loss's.
+
+  Example:
+    >>> update = jax.jit(make_policy_update_fn(apply_fn, GRPOConfig()), donate_argnums=0)
   """
-  loss_fn = make_grpo_loss_fn(apply_fn, config)
+  loss_fn = make_policy_loss_fn(apply_fn, config, norm_length=norm_length)
 
   def update_fn(state: TrainState, batch: PolicyGradientBatch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return state.apply_gradients(grads), metrics
 
   return update_fn
+
+
+# The names the GRPO-only version of this module had.
+make_grpo_loss_fn = make_policy_loss_fn
+make_grpo_update_fn = make_policy_update_fn
+
+
+def make_critic(model_config: TransformerConfig, head: ValueHeadConfig = ValueHeadConfig(),
+                ) -> tuple[ValueModel, Callable]:
+  """The PPO critic model and its apply function (`(variables, tokens) -> values [N, T]`)."""
+  critic = ValueModel(model_config, head)
+
+  def value_apply_fn(variables, tokens):
+    return critic.apply(variables, tokens)
+
+  return critic, value_apply_fn
+
+
+def init_critic_params(critic: ValueModel, policy_params: PyTree, rng: jax.Array, *,
+                       init_rows: int = 1) -> tuple[PyTree, PyTree]:
+  """The critic's parameters: the policy's transformer as trunk, a freshly initialised head.
+
+  Args:
+    critic: a `ValueModel` whose trunk config matches the policy's.
+    policy_params: the (warm-started) policy's `Transformer` parameters; copied, so the
+      critic's buffers can be donated without touching them.
+    rng: initialises the value head.
+    init_rows: rows of the shape-only init batch (make it divisible by the mesh's batch
+      shards when called under a mesh).
+
+  Returns:
+    `(params, logical_specs)`: {"trunk": ..., "value_head": {"kernel", "bias"}} and their
+    logical axis names.
+
+  Example:
+    >>> critic, value_apply_fn = make_critic(model_config)
+    >>> params, specs = init_critic_params(critic, sft_params, jax.random.key(0))
+  """
+  abstract = jax.eval_shape(critic.init, rng, jnp.zeros((init_rows, 8), jnp.int32))["params"]
+  specs = nn.get_partition_spec(abstract)
+  params = load_trunk(_unbox(abstract), policy_params)
+  head = ValueHead(critic.head, param_dtype=critic.config.params_dtype).init(
+      rng, jnp.zeros((1, critic.config.d_model), jnp.float32))["params"]
+  params["value_head"] = _unbox(head)
+  return jax.tree.map(jnp.copy, params), specs
+
+
+def _unbox(tree: PyTree) -> PyTree:
+  """Strips logical-axis boxes without a sharding constraint (abstract leaves under a mesh)."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def make_gae_fn(value_apply_fn: Callable, config: CriticConfig):
+  """PPO advantages: critic values, the outcome reward on the last policy token, GAE, whitening.
+
+  Returns:
+    `gae_fn(critic_params, tokens [N, T], mask [N, T], rewards [N]) -> (advantages [N, T],
+    returns [N, T], values [N, T])`, pure: `values` are the rollout-time values (the value
+    loss clips around them), `returns` the lambda-returns the critic regresses, advantages
+    whitened over the policy tokens when `config.whiten_advantages`. All are 0 off the mask.
+
+  Example:
+    >>> adv, ret, v = jax.jit(make_gae_fn(value_apply_fn, CriticConfig()))(
+    ...     critic_params, tokens, mask, rewards)
+  """
+
+  def gae_fn(critic_params, tokens, mask, rewards):
+    mask = jnp.asarray(mask, bool)
+    values = token_values(value_apply_fn, critic_params, tokens)
+    adv, returns = losses.gae(outcome_token_rewards(rewards, mask), values, mask,
+                              gamma=config.gamma, lam=config.lam)
+    if config.whiten_advantages:
+      adv = losses.masked_whiten(adv, mask)
+    return adv, returns, jnp.where(mask, values, 0.0)
+
+  return gae_fn
+
+
+def make_critic_update_fn(value_apply_fn: Callable, config: CriticConfig,
+                          ) -> Callable[[TrainState, CriticBatch], tuple[TrainState, Metrics]]:
+  """One optimizer step on the clipped value loss over the policy tokens.
+
+  Returns:
+    `update_fn(state, batch: CriticBatch) -> (state, metrics)`, pure; metrics
+    "value_loss", "value_grad_norm", "vf_clipfrac", "vpred_mean" and "explained_variance"
+    (of the values before this step).
+
+  Example:
+    >>> update = jax.jit(make_critic_update_fn(value_apply_fn, CriticConfig()))
+  """
+
+  def loss_fn(params, batch: CriticBatch):
+    values = token_values(value_apply_fn, params, batch.tokens)
+    return losses.value_loss(values, batch.old_values, batch.returns, batch.mask,
+                             clip=config.value_clip)
+
+  def update_fn(state: TrainState, batch: CriticBatch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    return state.apply_gradients(grads), {"value_loss": loss,
+                                          "value_grad_norm": optax.global_norm(grads), **aux}
+
+  return update_fn
+

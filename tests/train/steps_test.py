@@ -1,4 +1,6 @@
 """Update steps: hand-checked objectives, rollout/trainer log-prob agreement, sharding invariance."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (GRPOConfig, PolicyGradientBatch, make_grpo_loss_fn,
-                                   make_grpo_update_fn, make_sft_update_fn, sequence_logprobs)
+                                   make_grpo_update_fn, make_policy_loss_fn, make_sft_update_fn,
+                                   sequence_logprobs)
 from jaxsearch.types import SequenceBatch
 
 V = 48
@@ -111,6 +114,60 @@ class StepsTest(absltest.TestCase):
     recomputed = sequence_logprobs(apply_fn, params, r.tokens)
     self.assertGreater(int(r.policy_mask.sum()), 20)
     np.testing.assert_allclose(np.where(r.policy_mask, recomputed, 0.0), r.logp, atol=2e-4)
+
+  def test_entropy_telemetry_and_bonus(self):
+    # Column t's entropy is that of the distribution token t was drawn from (logits at t - 1).
+    params = init_params()
+    tokens, mask, adv = random_batch(5)
+    batch = PolicyGradientBatch(tokens, mask, adv, None, None)
+    base = GRPOConfig(kl_coef=0.0)
+    loss0, m0 = jax.jit(make_policy_loss_fn(apply_fn, base))(params, batch)
+    logits = apply_fn({"params": params}, tokens)[:, :-1]
+    p = jax.nn.softmax(logits, -1)
+    h = -jnp.sum(p * jnp.log(p), -1)                                          # [N, T-1]
+    expected = jnp.sum(h * mask[:, 1:]) / jnp.sum(mask)
+    np.testing.assert_allclose(m0["entropy"], expected, rtol=1e-5)
+    bonus = dataclasses.replace(base, entropy_coef=0.3)
+    loss1, _ = jax.jit(make_policy_loss_fn(apply_fn, bonus))(params, batch)
+    np.testing.assert_allclose(loss1, loss0 - 0.3 * expected, rtol=1e-5, atol=1e-6)
+    # The bonus has a gradient (the telemetry alone has none).
+    with_bonus, without = make_policy_loss_fn(apply_fn, bonus), make_policy_loss_fn(apply_fn, base)
+    diff = jax.jit(jax.grad(lambda q: with_bonus(q, batch)[0] - without(q, batch)[0]))(params)
+    self.assertGreater(sum(float(jnp.abs(d).sum()) for d in jax.tree.leaves(diff)), 1e-4)
+
+  def test_llds_penalises_fallen_tokens_of_preserved_rows(self):
+    params = init_params()
+    tokens, mask, _ = random_batch(6)
+    adv = jnp.array([1.0, -1.0, 0.0, 2.0, -0.5, 1.0, -2.0, 0.5])
+    logp = sequence_logprobs(apply_fn, params, tokens)
+    old = logp + 0.1      # every policy token's log-prob fell by 0.1 since the behaviour policy
+    base = GRPOConfig(kl_coef=0.0, updates_per_batch=2)
+    batch = PolicyGradientBatch(tokens, mask, adv, old, None)
+    loss0, _ = jax.jit(make_policy_loss_fn(apply_fn, base))(params, batch)
+    for preserve, rows in (("all", np.ones(8, bool)), ("nonnegative", np.asarray(adv) >= 0)):
+      config = dataclasses.replace(base, llds_coef=2.0, llds_preserve=preserve)
+      loss, m = jax.jit(make_policy_loss_fn(apply_fn, config))(params, batch)
+      m_np = np.asarray(mask)
+      frac = m_np[rows].sum() / m_np.sum()          # token-mean over all policy tokens
+      np.testing.assert_allclose(m["llds"], 0.1 * frac, rtol=1e-4)
+      np.testing.assert_allclose(loss - loss0, 2.0 * 0.1 * frac, rtol=1e-4)
+      np.testing.assert_allclose(m["llds_active_frac"], rows.mean(), rtol=1e-6)
+
+  def test_dr_grpo_loss_does_not_depend_on_the_batch_width(self):
+    # seq-mean-token-sum-norm divides by a constant: padding columns change nothing.
+    params = init_params()
+    tokens, mask, adv = random_batch(7)
+    config = GRPOConfig(kl_coef=0.1, agg="seq-mean-token-sum-norm")
+    ref = sequence_logprobs(apply_fn, init_params(seed=9), tokens)
+    fn = jax.jit(make_policy_loss_fn(apply_fn, config, norm_length=40))
+    loss, _ = fn(params, PolicyGradientBatch(tokens, mask, adv, None, ref))
+    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, 4)), constant_values=v)  # noqa: E731
+    wide, _ = fn(params, PolicyGradientBatch(pad(tokens, 9), pad(mask, False), adv, None,
+                                             pad(ref, 0.0)))
+    np.testing.assert_allclose(wide, loss, rtol=1e-5)
+    logp = sequence_logprobs(apply_fn, params, tokens)
+    kl = jnp.exp(ref - logp) - (ref - logp) - 1
+    np.testing.assert_allclose(loss, jnp.sum((-adv[:, None] + 0.1 * kl) * mask) / 40, rtol=1e-4)
 
   def test_data_parallel_update_matches_single_device(self):
     params = init_params()
