@@ -6,6 +6,9 @@ Modules:
   credit       turn-level / dual-level advantages, IGPO information gain, implicit PRM
   policy       PPO (dual clip, GSPO), GRPO + KL, entropy, aggregation, SFT cross-entropy
   regularizers LLDS likelihood-preserving penalty, truncated importance-sampling weights
+  distributional  categorical value targets (two-hot, HL-Gauss), read-out and loss
+  preference   Bradley-Terry pairwise loss (reward models)
+  contrastive  InfoNCE with in-batch and hard negatives (dense retrievers)
 
 Registries (select by name, e.g. from gin): `ADVANTAGES` (rewards [N], group_ids [N] ->
 [N]), `TOKEN_ADVANTAGES` (-> ([N, T], ...)), `POLICY_LOSSES`, `REGULARIZERS`; the string
@@ -22,6 +25,11 @@ from jaxsearch.losses.advantages import (ADVANTAGES, TOKEN_ADVANTAGES, drgrpo_ad
                                          grpo_advantages, group_moments, masked_whiten,
                                          reinforce_pp_advantages, rloo_advantages,
                                          stratified_advantages, zero_variance_fraction)
+from jaxsearch.losses.contrastive import info_nce_loss
+from jaxsearch.losses.distributional import (bin_edges, categorical_value,
+                                             categorical_value_loss, hl_gauss, make_support,
+                                             two_hot)
+from jaxsearch.losses.preference import bradley_terry_loss
 from jaxsearch.losses.credit import (GoldScoringBatch, broadcast_turns,
                                      build_gold_scoring_batch, dual_level_advantages,
                                      gold_answer_logprobs, igpo_turn_rewards,
@@ -38,7 +46,9 @@ from jaxsearch.losses.value import (discounted_returns, gae, reinforce_pp_token_
 
 __all__ = [
     "ADVANTAGES", "AGG_MODES", "GoldScoringBatch", "KL_KINDS", "POLICY_LOSSES",
-    "RATIO_LEVELS", "REGULARIZERS", "TOKEN_ADVANTAGES", "aggregate", "broadcast_turns",
+    "RATIO_LEVELS", "REGULARIZERS", "TOKEN_ADVANTAGES", "aggregate", "bin_edges",
+    "bradley_terry_loss", "broadcast_turns", "categorical_value", "categorical_value_loss",
+    "hl_gauss", "info_nce_loss", "make_support", "two_hot",
     "build_gold_scoring_batch", "cross_entropy_loss", "discounted_returns",
     "drgrpo_advantages", "dual_level_advantages", "entropy_from_logits", "gae",
     "gold_answer_logprobs", "group_moments", "grpo_advantages", "grpo_loss",
