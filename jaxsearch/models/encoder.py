@@ -65,15 +65,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsearch.models.transformer import DTYPES
 from jaxsearch.types import PyTree
 
 POOLING_MODES = ("mean", "cls")
 
-_DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+_DTYPES = DTYPES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

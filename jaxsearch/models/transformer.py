@@ -61,11 +61,12 @@ from jax import lax
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_MODES = ("none", "full", "dots")
 
-_DTYPES = {
+DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
+_DTYPES = DTYPES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

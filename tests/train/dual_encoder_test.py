@@ -178,12 +178,12 @@ class TrainFromScratchOnWorldTest(absltest.TestCase):
     embed_fn = make_embed_fn(BertEncoder(cfg))
 
     @jax.jit
-    def test_recall(params):
+    def heldout_recall(params):
       return recall_at_k(embed_fn(params, test[0], test[1]),
                          embed_fn(params, doc_ids, doc_mask), test[2], k=1)
 
     params = init_encoder_params(cfg, jax.random.key(0))
-    untrained = float(test_recall(params))
+    untrained = float(heldout_recall(params))
     state = TrainState.create(
         apply_fn=embed_fn, params=params,
         tx=make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=10)))
@@ -196,7 +196,7 @@ class TrainFromScratchOnWorldTest(absltest.TestCase):
       batch = DualEncoderBatch(train[0][rows], train[1][rows], doc_ids[targets],
                                doc_mask[targets], doc_keys=targets)
       state, metrics = update_fn(state, batch)
-    trained = float(test_recall(state.params))
+    trained = float(heldout_recall(state.params))
     self.assertLess(untrained, 0.2)     # 448 passages: a random encoder is near chance
     self.assertGreater(trained, 0.8)
     self.assertGreater(float(metrics["accuracy"]), 0.9)
