@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RUNS_DIR = "runs/generative_retrieval"
 DEFAULT_MARKDOWN = "docs/generative/table.md"
@@ -60,6 +62,7 @@ ROWS = (
     Row("wordnet_atomic", "wordnet", "atomic"),
     Row("wordnet_naive", "wordnet", "naive"),
     Row("wordnet_semantic", "wordnet", "semantic"),
+    Row("wordnet_rq", "wordnet", "rq"),
     Row("wordnet_hypernym", "wordnet", "hypernym", note="WordNet hypernym path"),
     Row("wordnet_atomic_templates", "wordnet", "atomic", ('PSEUDO_QUERIES = "templates"',),
         note="oracle pseudo-queries: the entities' own queries"),
@@ -70,43 +73,55 @@ GIN_FILES = {"world": "gin/experiments/dsi_world.gin",
              "wordnet": "gin/experiments/dsi_wordnet.gin"}
 
 
-def command(row: Row, runs_dir: str) -> list[str]:
-  """The launcher command of a row (MiniLM embeddings shared under `runs_dir/embeddings`)."""
+def workdir_name(row: Row, seed: int) -> str:
+  """`<row>` for seed 0 (the first runs had no seed suffix), `<row>_seed<n>` otherwise."""
+  return row.name if seed == 0 else f"{row.name}_seed{seed}"
+
+
+def command(row: Row, runs_dir: str, seed: int = 0) -> list[str]:
+  """The launcher command of a row (MiniLM embeddings shared under `runs_dir/embeddings`).
+
+  SEED seeds everything: the world (or the WordNet subset and split), initialisation, batch
+  order and the docID k-means, so seeds differ in data as well as in training noise.
+  """
   bindings = [f'DOCID = "{row.docid}"', *row.bindings,
               f'EMBEDDING_CACHE = "{os.path.join(runs_dir, "embeddings")}"']
+  if seed:
+    bindings.append(f"SEED = {seed}")
   return [sys.executable, "-m", "experiments.run", f"--gin_file={GIN_FILES[row.corpus]}",
           *(f"--gin_bindings={b}" for b in bindings),
-          f"--workdir={os.path.join(runs_dir, row.name)}"]
+          f"--workdir={os.path.join(runs_dir, workdir_name(row, seed))}"]
 
 
-def shell_command(row: Row, runs_dir: str) -> str:
-  cmd = command(row, runs_dir)
+def shell_command(row: Row, runs_dir: str, seed: int = 0) -> str:
+  cmd = command(row, runs_dir, seed)
   return " ".join(["python", *(shlex.quote(c) for c in cmd[1:])])
 
 
-def read_summary(row: Row, runs_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(runs_dir, row.name, "summary.json")
+def read_summary(row: Row, runs_dir: str, seed: int = 0) -> dict[str, Any] | None:
+  path = os.path.join(runs_dir, workdir_name(row, seed), "summary.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def run_row(row: Row, runs_dir: str, timeout_s: float | None) -> float:
+def run_row(row: Row, runs_dir: str, timeout_s: float | None, seed: int = 0) -> float:
   """Runs a row's command from the repository root; returns its wall time in seconds."""
   start = time.time()
   try:
-    subprocess.run(command(row, runs_dir), cwd=REPO_ROOT, check=True, timeout=timeout_s)
+    subprocess.run(command(row, runs_dir, seed), cwd=REPO_ROOT, check=True, timeout=timeout_s)
   except subprocess.TimeoutExpired:
-    print(f"[{row.name}] stopped after {timeout_s:.0f}s; run again to resume", flush=True)
+    print(f"[{workdir_name(row, seed)}] stopped after {timeout_s:.0f}s; run again to resume",
+          flush=True)
   return time.time() - start
 
 
-def json_rows(row: Row, s: dict[str, Any]) -> list[dict[str, Any]]:
+def json_rows(row: Row, s: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
   """One JSON row for the DSI system of a run (largest beam, constrained)."""
   top = max(s["beam_sizes"])
   final = s["final_system"]
-  out = {"row": row.name, "corpus": row.corpus, "system": f"dsi-{row.docid}",
+  out = {"row": row.name, "seed": seed, "corpus": row.corpus, "system": f"dsi-{row.docid}",
          "note": row.note, "docid_length": s["docid_length"], "num_codes": s["num_codes"],
          "num_docs": s["num_docs"], "num_params": s["num_params"], "steps": s["steps"],
          "ddro_steps": s["ddro_steps"], "pseudo_queries": s["pseudo_queries"],
@@ -130,12 +145,12 @@ def json_rows(row: Row, s: dict[str, Any]) -> list[dict[str, Any]]:
   return [out]
 
 
-def baseline_rows(corpus: str, s: dict[str, Any]) -> list[dict[str, Any]]:
+def baseline_rows(corpus: str, s: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
   rows = []
   for system in ("bm25", "minilm"):
     if f"unseen_{system}_recall@1" not in s:
       continue
-    row = {"row": f"{corpus}_{system}", "corpus": corpus, "system": system,
+    row = {"row": f"{corpus}_{system}", "seed": seed, "corpus": corpus, "system": system,
            "num_docs": s["num_docs"]}
     for split in ("seen", "unseen"):
       for m in MEASURES:
@@ -150,8 +165,30 @@ def _f(x: Any, digits: int = 3) -> str:
   return "–" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(results: Sequence[tuple[Row, dict[str, Any]]], baselines: dict[str, list[dict]],
-             runs_dir: str, missing: Sequence[Row]) -> str:
+def mean_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The seeds' rows of one system as one row: numbers averaged (`<key>_std`: their sample
+  standard deviation when there are two or more), other fields from the first, `seeds`: how
+  many."""
+  out: dict[str, Any] = dict(rows[0])
+  for key, value in rows[0].items():
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
+      values = [r[key] for r in rows if r.get(key) is not None]
+      out[key] = float(np.mean(values))
+      if len(values) > 1:
+        out[f"{key}_std"] = float(np.std(values, ddof=1))
+  out["seeds"] = len(rows)
+  return out
+
+
+def _pm(j: dict[str, Any], key: str) -> str:
+  """mean, with ± the seeds' standard deviation when there are several."""
+  std = j.get(f"{key}_std")
+  return _f(j[key]) + ("" if std is None else f" ± {std:.3f}")
+
+
+def markdown(results: Sequence[tuple[Row, dict[int, dict[str, Any]]]],
+             baselines: dict[str, list[dict]], runs_dir: str,
+             missing: Sequence[tuple[Row, int]]) -> str:
   """The table, its notes and the command of every row."""
   lines = [
       "# Generative retrieval: DSI docIDs vs BM25 and MiniLM",
@@ -166,24 +203,27 @@ def markdown(results: Sequence[tuple[Row, dict[str, Any]]], baselines: dict[str,
       "never were, but their documents are indexed. Latency: median of single-query jitted "
       "calls after compiling (ms, constrained), on the machine that ran the row (2 shared "
       "CPU cores for the measured rows). BM25 / MiniLM latency: one query through "
-      "`bm25.search` / MiniLM embedding + exact search.",
+      "`bm25.search` / MiniLM embedding + exact search. *seeds*: runs averaged (SEED = 0, 1, "
+      "...; a seed changes the world or the WordNet subset and split as well as the "
+      "initialisation and batch order); with several, unseen R@1 is mean ± the seeds' "
+      "standard deviation and the other columns are means.",
       "",
-      "| corpus | system | docID len | K | seen R@1 | seen R@10 | seen MRR@10 | unseen R@1 | "
-      "unseen R@10 | unseen MRR@10 | free R@1 (invalid) | latency ms b1 / b10 / b20 | "
-      "train s | wall s | note |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| corpus | system | seeds | docID len | K | seen R@1 | seen R@10 | seen MRR@10 | "
+      "unseen R@1 | unseen R@10 | unseen MRR@10 | free R@1 (invalid) | "
+      "latency ms b1 / b10 / b20 | train s | wall s | note |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for corpus in ("world", "wordnet"):
     for b in baselines.get(corpus, []):
       lines.append(
-          f"| {corpus} | {b['system']} | – | – | {_f(b['seen_recall@1'])} | "
-          f"{_f(b['seen_recall@10'])} | {_f(b['seen_mrr@10'])} | {_f(b['unseen_recall@1'])} | "
+          f"| {corpus} | {b['system']} | {b['seeds']} | – | – | {_f(b['seen_recall@1'])} | "
+          f"{_f(b['seen_recall@10'])} | {_f(b['seen_mrr@10'])} | {_pm(b, 'unseen_recall@1')} | "
           f"{_f(b['unseen_recall@10'])} | {_f(b['unseen_mrr@10'])} | – | "
           f"{_f(b.get('latency_ms'), 2)} | – | – | |")
-    for row, s in results:
+    for row, by_seed in results:
       if row.corpus != corpus:
         continue
-      j = json_rows(row, s)[0]
+      j = mean_rows([json_rows(row, s, seed)[0] for seed, s in sorted(by_seed.items())])
       lat = " / ".join(_f(j.get(f"latency_ms_beam{b}"), 2) for b in (1, 10, 20))
       note = row.note
       if j["pseudo_queries"] != "none":
@@ -191,9 +231,10 @@ def markdown(results: Sequence[tuple[Row, dict[str, Any]]], baselines: dict[str,
       if j["ddro_steps"]:
         note += (f"; unseen R@1 before DDRO {j['unseen_before_ddro_recall@1']:.3f}")
       lines.append(
-          f"| {corpus} | DSI {row.docid} | {j['docid_length']} | {j['num_codes']} | "
+          f"| {corpus} | DSI {row.docid} | {j['seeds']} | {j['docid_length']:.0f} | "
+          f"{j['num_codes']:.0f} | "
           f"{_f(j['seen_recall@1'])} | {_f(j['seen_recall@10'])} | {_f(j['seen_mrr@10'])} | "
-          f"{_f(j['unseen_recall@1'])} | {_f(j['unseen_recall@10'])} | "
+          f"{_pm(j, 'unseen_recall@1')} | {_f(j['unseen_recall@10'])} | "
           f"{_f(j['unseen_mrr@10'])} | {_f(j['unseen_free_recall@1'])} "
           f"({_f(j['unseen_free_invalid'], 2)}) | {lat} | {j['train_seconds']:.0f} | "
           f"{j['wall_seconds']:.0f} | {note.strip('; ')} |")
@@ -214,12 +255,15 @@ def markdown(results: Sequence[tuple[Row, dict[str, Any]]], baselines: dict[str,
       "queries' relevant docID vs a BM25 hard negative, with the DSI model as the frozen "
       "reference.",
   ]
-  lines += ["", "Commands (from the repository root):", ""]
+  lines += ["", "Commands (from the repository root; seed n > 0 adds `--gin_bindings=SEED = n` "
+            "and the workdir suffix `_seed<n>`, or run "
+            "`python -m experiments.generative_retrieval --run --seeds 0,1,2`):", ""]
   for row, _ in results:
     lines.append(f"- `{row.name}`: `{shell_command(row, runs_dir)}`")
   if missing:
-    lines += ["", "Not run yet: " + ", ".join(f"`{r.name}` (`{shell_command(r, runs_dir)}`)"
-                                             for r in missing)]
+    lines += ["", "Not run yet: " + ", ".join(
+        f"`{workdir_name(r, seed)}` (`{shell_command(r, runs_dir, seed)}`)"
+        for r, seed in missing)]
   return "\n".join(lines) + "\n"
 
 
@@ -229,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--rows", default="", help="comma-separated row names (default: all)")
   parser.add_argument("--run", action="store_true", help="run rows without a summary.json")
   parser.add_argument("--timeout_s", type=float, default=None, help="stop a row after this")
+  parser.add_argument("--seeds", default="0",
+                      help="comma-separated seeds (SEED macro); each row's seeds are averaged")
   parser.add_argument("--markdown", default=DEFAULT_MARKDOWN, help="write the table here")
   parser.add_argument("--json", default=None, help="also write the JSON rows here")
   args = parser.parse_args(argv)
@@ -237,26 +283,47 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   unknown = [n for n in wanted if n not in names]
   if unknown:
     parser.error(f"unknown rows {unknown}; known: {names}")
+  try:
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+  except ValueError:
+    parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  if not seeds or any(x < 0 for x in seeds):
+    parser.error(f"--seeds needs one or more seeds >= 0, got {args.seeds!r}")
   rows = [r for r in ROWS if r.name in wanted]
-  results, missing = [], []
+  results: list[tuple[Row, dict[int, dict[str, Any]]]] = []
+  missing: list[tuple[Row, int]] = []
   for row in rows:
-    summary = read_summary(row, args.runs_dir)
-    if summary is None and args.run:
-      print(f"[{row.name}] {shell_command(row, args.runs_dir)}", flush=True)
-      seconds = run_row(row, args.runs_dir, args.timeout_s)
-      print(f"[{row.name}] {seconds:.0f}s", flush=True)
-      summary = read_summary(row, args.runs_dir)
-    if summary is None:
-      missing.append(row)
-    else:
-      results.append((row, summary))
+    by_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+      summary = read_summary(row, args.runs_dir, seed)
+      if summary is None and args.run:
+        name = workdir_name(row, seed)
+        print(f"[{name}] {shell_command(row, args.runs_dir, seed)}", flush=True)
+        seconds = run_row(row, args.runs_dir, args.timeout_s, seed)
+        print(f"[{name}] {seconds:.0f}s", flush=True)
+        summary = read_summary(row, args.runs_dir, seed)
+      if summary is None:
+        missing.append((row, seed))
+      else:
+        by_seed[seed] = summary
+    if by_seed:
+      results.append((row, by_seed))
   out: list[dict[str, Any]] = []
+  per_seed_baselines: dict[str, dict[int, list[dict]]] = {}
+  for row, by_seed in results:
+    for seed, s in sorted(by_seed.items()):
+      per_corpus = per_seed_baselines.setdefault(row.corpus, {})
+      if seed not in per_corpus:
+        per_corpus[seed] = baseline_rows(row.corpus, s, seed)
+        out += per_corpus[seed]
+      out += json_rows(row, s, seed)
   baselines: dict[str, list[dict]] = {}
-  for row, s in results:
-    if row.corpus not in baselines:
-      baselines[row.corpus] = baseline_rows(row.corpus, s)
-      out += baselines[row.corpus]
-    out += json_rows(row, s)
+  for corpus, per_corpus in per_seed_baselines.items():
+    systems: dict[str, list[dict]] = {}
+    for seed_rows in per_corpus.values():
+      for b in seed_rows:
+        systems.setdefault(b["system"], []).append(b)
+    baselines[corpus] = [mean_rows(v) for v in systems.values()]
   for r in out:
     print(json.dumps(r), flush=True)
   if args.markdown:
