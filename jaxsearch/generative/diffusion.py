@@ -47,8 +47,12 @@ breaker, when tau > 0), with
 
 so T = L fills one slot per step and T = 1 fills all at once; T is the quality / latency
 knob (the cost is T forward passes). The score of a decoded docID is the sum over slots of
-the log-probability its class had when it was unmasked. Decoding is unconstrained (as
-DiffuGR); the decoded classes are mapped to a document with the trie (`decoded_docs`): an
+the log-probability its class had when it was unmasked. Decoding is unconstrained by default
+(as DiffuGR); with `docid_targets` (the docIDs' `slot_targets`) it is constrained: a step's
+slots are committed one at a time, each among the classes that keep some docID consistent
+with the slots decoded so far (`allowed_classes`; still one forward pass per step), so every
+output is a docID. The decoded classes are mapped to a document with the trie
+(`decoded_docs`): an
 output whose codes up to its first END form a docID gives that doc row (`trie.is_valid`; the
 slots after END are ignored unless `strict`), anything else -1, and `valid_fraction` reports
 how often decodes were valid.
@@ -654,14 +658,52 @@ class DecodeResult(NamedTuple):
   step_filled: jax.Array  # [B, L] int32 the step (0 .. T-1) that unmasked each slot
 
 
+def allowed_classes(slots: jax.Array, targets: jax.Array, num_classes: int,
+                    mask_class: int) -> jax.Array:
+  """Which class each slot may take so that the slots still spell some docID.
+
+  A docID (row n of `targets`) is consistent with partly decoded `slots` when it agrees with
+  every unmasked slot; slot j may take class c when some consistent docID has c at j.
+
+  Args:
+    slots: [B, L] int32 classes, `mask_class` where not decoded yet.
+    targets: [N, L] int32 the docIDs' slot classes (`slot_targets`).
+    num_classes: C = K + 2.
+    mask_class: the MASK class.
+
+  Returns:
+    [B, L, C] bool. Cost O(B N L) (a scatter-max per slot), no [N, L, C] table.
+
+  Example:
+    >>> t = jnp.array([[0, 1, 3], [0, 2, 3], [2, 3, 4]])        # K = 3: END 3, PAD 4, MASK 5
+    >>> allowed_classes(jnp.array([[0, 5, 5]]), t, 5, 5)[0, 1]   # after code 0: 1 or 2
+    Array([False,  True,  True, False, False], dtype=bool)
+  """
+  undecided = slots == mask_class                                               # [B, L]
+  agree = (targets[None, :, :] == slots[:, None, :]) | undecided[:, None, :]    # [B, N, L]
+  consistent = jnp.all(agree, axis=-1).astype(jnp.int32)                        # [B, N]
+  per_slot = [jnp.zeros((slots.shape[0], num_classes), jnp.int32)
+              .at[:, targets[:, j]].max(consistent) for j in range(slots.shape[1])]
+  return jnp.stack(per_slot, axis=1) > 0                                        # [B, L, C]
+
+
 def diffusion_decode(params: PyTree, query_tokens: jax.Array, query_mask: jax.Array, *,
                      config: DiffusionConfig, num_steps: int | jax.Array,
                      rng: jax.Array | None = None,
-                     temperature: jax.Array | float = 0.0) -> DecodeResult:
+                     temperature: jax.Array | float = 0.0,
+                     docid_targets: jax.Array | np.ndarray | None = None) -> DecodeResult:
   """Decodes docID slots in `num_steps` parallel denoising steps, confident slots first.
 
   Jitted with `config` static; `num_steps` is traced (a `while` loop), so one compilation
   serves every T for a given batch shape.
+
+  Constrained decoding (`docid_targets`, the [N, L] `slot_targets` of the valid docIDs): each
+  step still runs the model once, but its slots are committed one at a time, most confident
+  first, each choosing among the classes that keep the slots consistent with at least one
+  docID (`allowed_classes`, recomputed after every commit, no extra forward pass). The output
+  is then always a valid docID (codes, END, PAD as in `targets`); with a `targets` that
+  allows every class sequence it equals unconstrained decoding. This is the diffusion
+  counterpart of trie-constrained beam search (DiffuGR decodes unconstrained).
 
   Args:
     params: head parameters.
@@ -672,12 +714,14 @@ def diffusion_decode(params: PyTree, query_tokens: jax.Array, query_mask: jax.Ar
     rng: PRNG key for the Gumbel noise (only used where temperature > 0; default key(0)).
     temperature: scalar or [B]: 0 = greedy; tau > 0 samples each slot's class by Gumbel-max
       `argmax(log p + tau g)` and perturbs the unmasking order by `tau g'`.
+    docid_targets: optional [N, L] int classes of the docIDs to constrain decoding to.
 
   Returns:
-    `DecodeResult` (classes, per-slot log-probs, scores, fill steps).
+    `DecodeResult` (classes, per-slot log-probs (the model's, not renormalised over the
+    allowed classes), scores, fill steps).
 
   Raises:
-    ValueError: a Python int `num_steps` outside [1, L].
+    ValueError: a Python int `num_steps` outside [1, L]; `docid_targets` not [N, L] classes.
 
   Example:
     >>> out = diffusion_decode(params, q, qm, config=cfg, num_steps=cfg.num_slots)
@@ -686,12 +730,22 @@ def diffusion_decode(params: PyTree, query_tokens: jax.Array, query_mask: jax.Ar
   if isinstance(num_steps, (int, np.integer)) and not 1 <= num_steps <= config.num_slots:
     raise ValueError(f"num_steps must be in [1, num_slots={config.num_slots}], got {num_steps}")
   rng = jax.random.key(0) if rng is None else rng
+  if docid_targets is not None:
+    shape = np.shape(docid_targets)
+    if len(shape) != 2 or shape[1] != config.num_slots or shape[0] < 1:
+      raise ValueError(f"docid_targets must be [N >= 1, num_slots={config.num_slots}] slot "
+                       f"classes (slot_targets(docids)), got shape {shape}")
+    if isinstance(docid_targets, np.ndarray) and (
+        docid_targets.min() < 0 or docid_targets.max() >= config.num_classes):
+      raise ValueError(f"docid_targets must hold classes in [0, {config.num_classes}), got "
+                       f"[{docid_targets.min()}, {docid_targets.max()}]")
+    docid_targets = jnp.asarray(docid_targets, jnp.int32)
   return _decode(params, query_tokens, query_mask, jnp.asarray(num_steps, jnp.int32), rng,
-                 jnp.asarray(temperature, jnp.float32), config=config)
+                 jnp.asarray(temperature, jnp.float32), docid_targets, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _decode(params, query_tokens, query_mask, num_steps, rng, temperature, *,
+def _decode(params, query_tokens, query_mask, num_steps, rng, temperature, targets, *,
             config: DiffusionConfig) -> DecodeResult:
   b = query_tokens.shape[0]
   l, c = config.num_slots, config.num_classes
@@ -706,6 +760,10 @@ def _decode(params, query_tokens, query_mask, num_steps, rng, temperature, *,
     logp = jax.nn.log_softmax(logits, axis=-1)                            # [B, L, C]
     rng_class, rng_order = jax.random.split(jax.random.fold_in(rng, s))
     g = jax.random.gumbel(rng_class, (b, l, c))
+    if targets is not None:
+      return _commit_constrained(carry, s, count, logp, logp + tau[:, None, None] * g,
+                                 tau[:, None] * jax.random.gumbel(rng_order, (b, l)),
+                                 targets, config)
     choice = jnp.argmax(logp + tau[:, None, None] * g, axis=-1)          # [B, L]
     chosen = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
     is_masked = slots == config.mask_class
@@ -722,6 +780,33 @@ def _decode(params, query_tokens, query_mask, num_steps, rng, temperature, *,
           jnp.full((b, l), -1, jnp.int32))
   slots, logp_kept, step_filled = jax.lax.fori_loop(0, num_steps, body, init)
   return DecodeResult(slots, logp_kept, jnp.sum(logp_kept, axis=-1), step_filled)
+
+
+def _commit_constrained(carry, s, count, logp, noisy_logp, order_noise, targets,
+                        config: DiffusionConfig):
+  """One constrained denoising step: `count` slots committed one by one, each the most
+  confident masked slot with its best class among `allowed_classes` after the earlier ones.
+
+  logp / noisy_logp: [B, L, C] (noisy = logp + tau g); order_noise: [B, L] (tau g').
+  """
+  neg_inf = jnp.float32(-jnp.inf)
+  l = config.num_slots
+
+  def commit(_, inner):
+    slots, logp_kept, step_filled = inner
+    allowed = allowed_classes(slots, targets, config.num_classes, config.mask_class)
+    choice = jnp.argmax(jnp.where(allowed, noisy_logp, neg_inf), axis=-1)   # [B, L]
+    chosen = jnp.take_along_axis(logp, choice[..., None], axis=-1)[..., 0]
+    is_masked = slots == config.mask_class
+    conf = jnp.where(is_masked, chosen + order_noise, neg_inf)
+    fill = (jax.nn.one_hot(jnp.argmax(conf, axis=-1), l, dtype=jnp.bool_)
+            & is_masked)                                                    # [B, L]
+    slots = jnp.where(fill, choice, slots).astype(jnp.int32)
+    logp_kept = jnp.where(fill, chosen, logp_kept)
+    step_filled = jnp.where(fill, s, step_filled).astype(jnp.int32)
+    return slots, logp_kept, step_filled
+
+  return jax.lax.fori_loop(0, count, commit, carry)
 
 
 class DiffusionRetrieval(NamedTuple):
@@ -769,7 +854,8 @@ def diffusion_retrieve(params: PyTree, query_tokens: np.ndarray, query_mask: np.
                        trie: Any, *, config: DiffusionConfig, num_steps: int,
                        num_samples: int = 1, k: int = 10, rng: jax.Array | None = None,
                        temperature: float = 1.0, batch_size: int | None = None,
-                       strict: bool = False) -> DiffusionRetrieval:
+                       strict: bool = False,
+                       docid_targets: np.ndarray | None = None) -> DiffusionRetrieval:
   """Top-k documents per query from `num_samples` parallel decodes (see module docstring).
 
   Sample 0 of each query is greedy; samples 1 .. S-1 use `temperature` with noise from
@@ -788,6 +874,8 @@ def diffusion_retrieve(params: PyTree, query_tokens: np.ndarray, query_mask: np.
     temperature: tau of samples 1 .. S-1 (> 0 when S > 1).
     batch_size: queries per jitted call (default all; one compilation per distinct size).
     strict: `decoded_docs(strict=...)`: also require PAD after END.
+    docid_targets: [N, L] `slot_targets(docids)` to constrain decoding to the docIDs (every
+      decode then valid); None decodes unconstrained.
 
   Returns:
     `DiffusionRetrieval`.
@@ -820,7 +908,8 @@ def diffusion_retrieve(params: PyTree, query_tokens: np.ndarray, query_mask: np.
       msk = np.concatenate([msk, np.repeat(msk[:1], pad, 0)])
     out = diffusion_decode(params, tok, msk, config=config, num_steps=num_steps,
                            rng=jax.random.fold_in(rng, start),
-                           temperature=np.tile(taus, tok.shape[0] // num_samples))
+                           temperature=np.tile(taus, tok.shape[0] // num_samples),
+                           docid_targets=docid_targets)
     all_classes.append(np.asarray(out.classes)[:n * num_samples])
     all_scores.append(np.asarray(out.scores)[:n * num_samples])
   classes = np.concatenate(all_classes).reshape(q, num_samples, config.num_slots)

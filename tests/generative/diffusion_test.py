@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import absltest, parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import WorldConfig, build_world
@@ -271,6 +273,122 @@ class ModelAndDecodeTest(absltest.TestCase):
       np.testing.assert_array_equal(r.docs[:, 0], expected)
       np.testing.assert_array_equal(r.docs[:, 1], -1)           # one sample: one document
       self.assertAlmostEqual(r.valid_fraction, float(np.mean(expected >= 0)))
+
+
+def np_allowed(slots, targets, num_classes, mask_class):
+  """Brute force `allowed_classes`: loop over queries, docIDs, slots."""
+  b, l = slots.shape
+  out = np.zeros((b, l, num_classes), bool)
+  for i in range(b):
+    for row in targets:
+      if all(slots[i, j] == mask_class or slots[i, j] == row[j] for j in range(l)):
+        for j in range(l):
+          out[i, j, row[j]] = True
+  return out
+
+
+class ConstrainedDecodeTest(absltest.TestCase):
+  """Decoding constrained to a docID set (`docid_targets`)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.cfg = tiny_config()                      # K = 5: END 5, PAD 6, MASK 7; L = 4 slots
+    cls.params = D.init_diffusion_params(cls.cfg, jax.random.key(3))
+    rng = np.random.default_rng(3)
+    cls.q = jnp.asarray(rng.integers(1, 20, (6, 6)), jnp.int32)
+    cls.qm = jnp.ones((6, 6), jnp.int32)
+
+  def test_allowed_classes_match_brute_force(self):
+    rng = np.random.default_rng(0)
+    ids = make_docids([[0, 1, 2], [0, 1, 3], [0, 4], [2], [3, 3, 3], [4, 0, 1]], num_codes=5)
+    targets = D.slot_targets(ids)
+    for _ in range(20):
+      rows = targets[rng.integers(0, len(targets), 8)].copy()
+      rows[rng.random(rows.shape) < 0.6] = 7                      # mask most slots
+      rows[0] = 7
+      rows[1, 0] = 1                                              # consistent with no docID
+      got = np.asarray(D.allowed_classes(jnp.asarray(rows), jnp.asarray(targets), 7, 7))
+      np.testing.assert_array_equal(got, np_allowed(rows, targets, 7, 7))
+    self.assertFalse(got[1].any())
+    np.testing.assert_array_equal(got[0, 0], [1, 0, 1, 1, 1, 0, 0])   # first codes 0, 2, 3, 4
+
+  def test_everything_allowed_equals_unconstrained(self):
+    # targets = every class sequence in C^L: the constraint removes nothing, so the
+    # one-at-a-time commits must reproduce the parallel top-n unmasking exactly.
+    c, l = self.cfg.num_classes, self.cfg.num_slots
+    grid = np.stack(np.meshgrid(*[np.arange(c)] * l, indexing="ij"), -1).reshape(-1, l)
+    for t in (1, 2, 3, 4):
+      for tau in (0.0, 1.5):
+        kw = dict(config=self.cfg, num_steps=t, rng=jax.random.key(t), temperature=tau)
+        free = D.diffusion_decode(self.params, self.q, self.qm, **kw)
+        cons = D.diffusion_decode(self.params, self.q, self.qm, docid_targets=grid, **kw)
+        for a, b in zip(free, cons):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b), f"T={t} tau={tau}")
+
+  def test_greedy_one_slot_per_step_matches_numpy_reference(self):
+    ids = make_docids([[0, 1, 2], [0, 1, 3], [0, 4], [2], [3, 3, 3], [4, 0, 1]], num_codes=5)
+    targets = D.slot_targets(ids)
+    out = D.diffusion_decode(self.params, self.q, self.qm, config=self.cfg, num_steps=4,
+                             docid_targets=targets)
+    slots = np.full((6, 4), self.cfg.mask_class, np.int32)
+    kept = np.zeros((6, 4))
+    for _ in range(4):
+      logp = np_log_softmax(self.logits(slots))
+      allowed = np_allowed(slots, targets, 7, 7)
+      best = np.where(allowed, logp, -np.inf)
+      conf = np.where(slots == self.cfg.mask_class, best.max(-1), -np.inf)
+      pos = conf.argmax(-1)
+      rows = np.arange(6)
+      slots[rows, pos] = best.argmax(-1)[rows, pos]
+      kept[rows, pos] = best.max(-1)[rows, pos]
+    np.testing.assert_array_equal(np.asarray(out.classes), slots)
+    np.testing.assert_allclose(np.asarray(out.logp), kept, rtol=1e-5, atol=1e-6)
+    self.assertTrue(all(tuple(r) in set(map(tuple, targets)) for r in slots))
+
+  def logits(self, slots):
+    return np.asarray(apply_head(self.params, self.q, self.qm, jnp.asarray(slots),
+                                 config=self.cfg))
+
+  @settings(max_examples=25, deadline=None)
+  @given(codes=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3), min_size=1,
+                        max_size=12, unique_by=tuple),
+         num_steps=st.integers(1, 4), tau=st.sampled_from([0.0, 1.0, 3.0]),
+         seed=st.integers(0, 2**16))
+  def test_constrained_decodes_are_always_docids(self, codes, num_steps, tau, seed):
+    # A docID must not be a prefix of another for a trie; drop those that are.
+    codes = [c for c in codes if not any(o != c and o[:len(c)] == c for o in codes)]
+    ids = make_docids(codes, num_codes=5)
+    targets = D.slot_targets(ids)                       # [n, longest + 1]: PAD up to L = 4
+    targets = np.pad(targets, ((0, 0), (0, 4 - targets.shape[1])), constant_values=6)
+    exact = targets
+    targets = np.concatenate([targets, np.repeat(targets[:1], 12 - len(targets), 0)])  # 1 shape
+    out = D.diffusion_decode(self.params, self.q, self.qm, config=self.cfg,
+                             num_steps=num_steps, rng=jax.random.key(seed), temperature=tau,
+                             docid_targets=targets)
+    classes = np.asarray(out.classes)
+    self.assertTrue(np.all(D.well_formed(classes, 5)))
+    docs = D.decoded_docs(classes, build_trie(ids), 5, strict=True)
+    self.assertTrue(np.all(docs >= 0), (codes, classes))
+    np.testing.assert_array_equal(exact[docs], classes)
+    filled = np.asarray(out.step_filled)
+    counts = np.stack([(filled == s).sum(1) for s in range(num_steps)], 1)
+    np.testing.assert_array_equal(counts, np.tile(D.unmask_schedule(4, num_steps), (6, 1)))
+
+  def test_constrained_retrieve_is_always_valid(self):
+    ids = make_docids([[0, 1, 2], [3], [4, 0]], num_codes=5)
+    trie = build_trie(ids)
+    r = D.diffusion_retrieve(self.params, self.q, self.qm, trie, config=self.cfg, num_steps=2,
+                             num_samples=4, k=3, rng=jax.random.key(0),
+                             docid_targets=D.slot_targets(ids))
+    self.assertEqual(r.valid_fraction, 1.0)
+    self.assertTrue(np.all(r.greedy_docs >= 0))
+    with self.assertRaisesRegex(ValueError, "docid_targets must be"):
+      D.diffusion_decode(self.params, self.q, self.qm, config=self.cfg, num_steps=2,
+                         docid_targets=D.slot_targets(ids)[:, :3])
+    with self.assertRaisesRegex(ValueError, r"classes in \[0, 7\)"):
+      D.diffusion_decode(self.params, self.q, self.qm, config=self.cfg, num_steps=2,
+                         docid_targets=np.full((2, 4), 7))
 
 
 class ValidityTest(absltest.TestCase):
