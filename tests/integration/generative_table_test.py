@@ -68,7 +68,19 @@ def test_seed_zero_keeps_the_plain_workdir_and_missing_seeds_are_listed(tmp_path
   assert f"Not run yet: `{row.name}_seed2`" in text
 
 
-@pytest.mark.parametrize("seeds", ["a,1", "", "-1"])
+def test_rows_use_their_own_seeds_by_default(tmp_path):
+  runs = str(tmp_path / "runs")
+  row = table.ROWS[0]
+  assert row.seeds == table.WORLD_SEEDS and len(row.seeds) > 1
+  _write(runs, row.name, _summary(0.25, 1.0, 1.0))
+  md = str(tmp_path / "table.md")
+  table.main(["--runs_dir", runs, "--rows", row.name, "--markdown", md])
+  missing = open(md).read().split("Not run yet:")[1]
+  assert [f"`{row.name}_seed{s}`" in missing for s in row.seeds] == [False] + [True] * (
+      len(row.seeds) - 1)
+
+
+@pytest.mark.parametrize("seeds", ["a,1", ",", "-1"])
 def test_bad_seeds_are_refused(tmp_path, seeds, capsys):
   with pytest.raises(SystemExit):
     table.main(["--runs_dir", str(tmp_path), "--seeds", seeds, "--markdown", ""])
