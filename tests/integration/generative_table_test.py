@@ -85,3 +85,30 @@ def test_bad_seeds_are_refused(tmp_path, seeds, capsys):
   with pytest.raises(SystemExit):
     table.main(["--runs_dir", str(tmp_path), "--seeds", seeds, "--markdown", ""])
   assert "--seeds" in capsys.readouterr().err
+
+
+def test_new_docs_seeds_summary_averages_each_method(tmp_path):
+  from experiments import gr_new_docs  # noqa: PLC0415
+
+  def result(seed, new_r1, seconds):
+    row = {"new_data": "pseudo", "method": "edit", "old_heldout_recall@1": 1.0,
+           "new_train_recall@1": 1.0, "new_heldout_recall@1": new_r1,
+           "new_heldout_recall@10": 1.0, "seconds": seconds}
+    only = {**row, "method": "replay", "new_heldout_recall@1": 0.5} if seed == 0 else None
+    return {"rows": [row] + ([only] if only else []), "meta": {"args": {"seed": seed}}}
+
+  paths = []
+  for seed, (r1, sec) in enumerate([(0.2, 10.0), (0.6, 14.0)]):
+    paths.append(str(tmp_path / f"seed{seed}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(result(seed, r1, sec), f)
+  out = str(tmp_path / "seeds.md")
+  gr_new_docs.main(["--summarize", out, *paths])
+  text = open(out).read()
+  std = np.std([0.2, 0.6], ddof=1)
+  assert f"| pseudo | edit | 2 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.400 ± {std:.3f} |" in text
+  assert f"| 12.0 ± {np.std([10.0, 14.0], ddof=1):.1f} |" in text
+  assert "| pseudo | replay | 1 | 1.000 | 1.000 | 0.500 | 1.000 |" in text
+  assert "seeds 0, 1" in text
+  with pytest.raises(SystemExit, match="usage"):
+    gr_new_docs.main(["--summarize", out])
