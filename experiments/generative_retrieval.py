@@ -56,24 +56,23 @@ WORLD_SEEDS = (0, 1, 2)   # the docID comparison rows; unseen R@1 varies by ~0.0
 WORDNET_SEEDS = (0, 1)
 
 
+DOCID_KINDS = ("atomic", "naive", "semantic", "rq", "hypernym")
+
+
+def docid_rows(corpus: str, seeds: tuple[int, ...], hypernym_note: str) -> tuple[Row, ...]:
+  """One row per docID kind on `corpus`, plain DSI (no pseudo-queries, no DDRO)."""
+  return tuple(Row(f"{corpus}_{kind}", corpus, kind, seeds=seeds,
+                   note=hypernym_note if kind == "hypernym" else "") for kind in DOCID_KINDS)
+
+
 ROWS = (
-    Row("world_atomic", "world", "atomic", seeds=WORLD_SEEDS),
-    Row("world_naive", "world", "naive", seeds=WORLD_SEEDS),
-    Row("world_semantic", "world", "semantic", seeds=WORLD_SEEDS),
-    Row("world_rq", "world", "rq", seeds=WORLD_SEEDS),
-    Row("world_hypernym", "world", "hypernym", note="document type, then index",
-        seeds=WORLD_SEEDS),
+    *docid_rows("world", WORLD_SEEDS, "document type, then index"),
     Row("world_atomic_templates", "world", "atomic", ('PSEUDO_QUERIES = "templates"',),
         note="oracle pseudo-queries: test wording"),
     Row("world_atomic_generated", "world", "atomic", ('PSEUDO_QUERIES = "generated"',),
         note="doc2query pseudo-queries"),
     Row("world_atomic_ddro", "world", "atomic", ("DDRO_STEPS = 100",), note="+ DDRO"),
-    Row("wordnet_atomic", "wordnet", "atomic", seeds=WORDNET_SEEDS),
-    Row("wordnet_naive", "wordnet", "naive", seeds=WORDNET_SEEDS),
-    Row("wordnet_semantic", "wordnet", "semantic", seeds=WORDNET_SEEDS),
-    Row("wordnet_rq", "wordnet", "rq", seeds=WORDNET_SEEDS),
-    Row("wordnet_hypernym", "wordnet", "hypernym", note="WordNet hypernym path",
-        seeds=WORDNET_SEEDS),
+    *docid_rows("wordnet", WORDNET_SEEDS, "WordNet hypernym path"),
     Row("wordnet_atomic_templates", "wordnet", "atomic", ('PSEUDO_QUERIES = "templates"',),
         note="oracle pseudo-queries: the entities' own queries"),
     Row("wordnet_atomic_generated", "wordnet", "atomic", ('PSEUDO_QUERIES = "generated"',),
