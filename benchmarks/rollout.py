@@ -16,12 +16,12 @@ model and parameters, so that the comparison isolates the rollout design:
     (b) on the host: copy the tokens back, find each row's query after its last `<search>` and
         decode it to text with the tokenizer;
     (c) retrieve with `bm25s` on the host (an index over the words of the same passage texts,
-        `jaxsearch.train.experiment.passage_text`), tokenize the retrieved passages into an
+        `jaxsearch.programs.search_agent.experiment.passage_text`), tokenize the retrieved passages into an
         `<information>` block, append it, and go back to (a) (re-prefilling everything).
 
 Both implementations decode greedily (temperature 0) with the same parameters: a policy
 warm-started by a few hundred steps of SFT on the teacher's demonstrations (as
-`jaxsearch.train.loop.warm_start` does, `--sft_steps`), so episodes really search. The host loop
+`jaxsearch.programs.search_agent.loop.warm_start` does, `--sft_steps`), so episodes really search. The host loop
 mirrors the in-graph environment's rules exactly (query = the first `max_query_tokens` regular
 tokens after the last `<search>`, invalid / over-budget searches answered with the same
 messages, the same truncation at `max_len`), so its episodes equal the in-graph ones whenever
@@ -85,7 +85,7 @@ from jaxsearch.rewards.qa import exact_match, extract_answer  # noqa: E402
 from jaxsearch.rollout.sampling import sample_logits  # noqa: E402
 from jaxsearch.rollout.search_env import (BUDGET_MESSAGE, INVALID_SEARCH_MESSAGE,  # noqa: E402
                                           EpisodeStatus, RolloutConfig)
-from jaxsearch.train.experiment import Experiment, RunConfig, passage_text, setup  # noqa: E402
+from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, passage_text, setup  # noqa: E402
 from jaxsearch.train.optim import make_optimizer  # noqa: E402
 from jaxsearch.train.state import TrainState  # noqa: E402
 from jaxsearch.train.steps import make_sft_update_fn  # noqa: E402
@@ -123,7 +123,7 @@ def run_config(smoke: bool, seed: int = 0) -> RunConfig:
 def train_policy(exp: Experiment, *, steps: int, batch_size: int, num_demos: int) -> PyTree:
   """Fresh parameters warm-started by `steps` SFT steps on teacher demonstrations.
 
-  The same recipe as `jaxsearch.train.loop.warm_start` (without checkpoints or logging).
+  The same recipe as `jaxsearch.programs.search_agent.loop.warm_start` (without checkpoints or logging).
 
   Returns:
     The policy's parameters.

@@ -10,7 +10,7 @@ Heads (`--heads DOCIDS:WEIGHTING,...`, weighting "mean" or "elbo", see
             `--embeddings tfidf` uses L2-normalised tf-idf vectors of the tokenizer's pieces
             instead (no model needed).
 Tokenizer: sentencepiece BPE trained on the world texts and questions (as
-`jaxsearch.train.experiment.setup`).
+`jaxsearch.programs.search_agent.experiment.setup`).
 Training examples: every document text -> its docID (indexing) and every train-split question
 -> each of its supporting documents (retrieval; a 2-hop question gives two examples). The
 head (`jaxsearch.generative.diffusion`) is trained for `--steps` AdamW steps (stopping early

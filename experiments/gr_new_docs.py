@@ -73,7 +73,7 @@ from jaxsearch.generative import dsi
 from jaxsearch.generative import edit as edit_lib
 from jaxsearch.generative.trie import build_trie, trie_depth
 from jaxsearch.models.transformer import Transformer, TransformerConfig
-from jaxsearch.train.dsi import DSIConfig, load_dsi_data
+from jaxsearch.programs.generative_retrieval import DSIConfig, load_dsi_data
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 

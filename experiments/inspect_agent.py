@@ -9,7 +9,7 @@ latest checkpoint: RL if there is one, else SFT; `--phase` / `--step` pick anoth
 the training run's evaluation rollout (greedy unless the run set `eval_temperature`).
 `--interactive` reads one question per line from stdin until an empty line or end of input;
 `QUESTION || ANSWER[|ANSWER...]` also gives gold answers, so the line is scored. The rendering
-is `jaxsearch.train.inspect_lib.format_trajectory`, which notebooks call directly.
+is `jaxsearch.programs.search_agent.inspect_lib.format_trajectory`, which notebooks call directly.
 
 (Not `experiments/inspect.py`: with that name, running any script of experiments/ by its path
 would put this directory first on `sys.path` and the file would hide the standard library's
@@ -46,7 +46,7 @@ SEPARATOR = "=" * 78
 
 def show(exp, params, questions, out: IO[str], **kwargs) -> None:
   """Runs the agent on `questions` and writes one rendered episode per question to `out`."""
-  from jaxsearch.train import inspect_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import inspect_lib  # noqa: PLC0415
   closed_book = kwargs.pop("closed_book", False)
   scored = inspect_lib.run_agent(exp, params, questions, closed_book=closed_book)
   for i, q in enumerate(questions):
@@ -56,7 +56,7 @@ def show(exp, params, questions, out: IO[str], **kwargs) -> None:
 
 def parse_line(line: str):
   """`QUESTION` or `QUESTION || ANSWER[|ANSWER...]` -> a typed question."""
-  from jaxsearch.train import inspect_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import inspect_lib  # noqa: PLC0415
   text, _, answers = line.partition("||")
   return inspect_lib.typed_question(text, [a for a in answers.split("|") if a.strip()])
 
@@ -83,7 +83,7 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise app.UsageError("pass --workdir=DIR, the workdir of a training run")
-  from jaxsearch.train import inspect_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import inspect_lib  # noqa: PLC0415
   exp, params, where = inspect_lib.load_agent(FLAGS.workdir, FLAGS.phase, FLAGS.step)
   print(f"agent: {FLAGS.workdir} ({where})", flush=True)
   kwargs = dict(passage_chars=FLAGS.passage_chars, closed_book=FLAGS.closed_book)

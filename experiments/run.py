@@ -22,9 +22,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Entry points a gin file can bind (`<module>.run.config = ...`); each is
 # `run(config, workdir, *, after_first_step=None) -> summary dict`.
-ENTRY_POINTS = ("jaxsearch.train.loop.run", "jaxsearch.train.reward_model.run",
-                "jaxsearch.train.dense_retriever.run", "jaxsearch.train.realm.run",
-                "jaxsearch.train.dsi.run")
+ENTRY_POINTS = ("jaxsearch.programs.search_agent.loop.run", "jaxsearch.programs.reward_model.run",
+                "jaxsearch.programs.dense_retriever.run", "jaxsearch.programs.realm.run",
+                "jaxsearch.programs.generative_retrieval.run")
 
 
 def parse_gin(files, bindings, search_paths=()):

@@ -25,7 +25,7 @@ ALLOWED = {
     # loader of a DSI workdir).
     "generative": ("jaxsearch.types", "jaxsearch.registry", "jaxsearch.generative",
                    "jaxsearch.models", "jaxsearch.losses", "jaxsearch.rollout",
-                   "jaxsearch.retrieval", "jaxsearch.data", "jaxsearch.train.dsi"),
+                   "jaxsearch.retrieval", "jaxsearch.data", "jaxsearch.programs.generative_retrieval"),
 }
 
 

@@ -705,7 +705,7 @@ class GenerativeRetrievalNotebookTest(absltest.TestCase):
 
   def test_decoded_question_lists_valid_docids_with_their_log_likelihood(self):
     import jax  # noqa: PLC0415
-    from jaxsearch.train import dsi as dsi_run  # noqa: PLC0415
+    from jaxsearch.programs import generative_retrieval as dsi_run  # noqa: PLC0415
     from jaxsearch.generative.docids import docid_strings  # noqa: PLC0415
     cell, qid, question, relevant = self.decoded()
     self.assertTrue(qid.startswith("test-"))

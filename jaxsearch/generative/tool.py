@@ -2,7 +2,7 @@
 
 The search agent's rollout calls a `retrieve_fn(tool_state, query_tokens [N, Lq], query_mask)
 -> (ids [N, k], scores [N, k])` once per turn for every episode that searched. Here the
-retriever is a trained DSI model (`jaxsearch.train.dsi`): each query is decoded with a
+retriever is a trained DSI model (`jaxsearch.programs.generative_retrieval`): each query is decoded with a
 trie-constrained beam search (`jaxsearch.generative.beam`), so it can only name documents
 that exist, and the top-k docIDs are mapped to the rows of the agent's own corpus.
 
@@ -77,11 +77,11 @@ class GenerativeSearchClient:
 
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs: Any) -> "GenerativeSearchClient":
-    """The client of a finished `jaxsearch.train.dsi.run` workdir (DDRO stage if it ran).
+    """The client of a finished `jaxsearch.programs.generative_retrieval.run` workdir (DDRO stage if it ran).
 
     `max_input_tokens` defaults to the workdir's `DSIConfig.max_input_tokens`.
     """
-    import jaxsearch.train.dsi as dsi_run  # noqa: PLC0415  (train/ builds on generative/)
+    import jaxsearch.programs.generative_retrieval as dsi_run  # noqa: PLC0415  (train/ builds on generative/)
     model, params, tokenizer, docids, layout = dsi_run.load_model(workdir)
     _, doc_ids = dsi_run.load_docids(workdir)
     kwargs.setdefault("max_input_tokens", dsi_run.load_config(workdir).max_input_tokens)

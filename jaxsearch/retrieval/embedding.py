@@ -4,7 +4,7 @@
 
   embed_fn(params, input_ids [N, T], attention_mask [N, T]) -> [N, D]
 
-(e.g. `jaxsearch.train.dense.make_embed_fn(BertEncoder(cfg))`) over M tokenized documents in
+(e.g. `jaxsearch.train.dual_encoder.make_embed_fn(BertEncoder(cfg))`) over M tokenized documents in
 batches of exactly `batch_size` rows: the last batch is padded (with one-token rows, so mean
 pooling stays finite) and its padding dropped, so the jitted function sees one shape and
 compiles once per (batch_size, T), however many batches there are. The rows come back as a
@@ -25,7 +25,7 @@ other key parts) is logged and recomputed.
 
 Example:
   >>> from jaxsearch.models.encoder import BertEncoder, EncoderConfig, init_encoder_params
-  >>> from jaxsearch.train.dense import make_embed_fn
+  >>> from jaxsearch.train.dual_encoder import make_embed_fn
   >>> cfg = EncoderConfig(vocab_size=100, hidden_size=32, num_heads=4, max_position=16)
   >>> embed_fn, params = make_embed_fn(BertEncoder(cfg)), init_encoder_params(cfg, key)
   >>> ids = np.random.randint(1, 100, (300, 16)); mask = np.ones_like(ids)

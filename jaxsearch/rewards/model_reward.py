@@ -22,7 +22,7 @@ Scoring runs one jitted program per (batch size, width bucket): rows are padded 
 of `batch_size`, widths rounded up to a multiple of `width_multiple`.
 
 Load a trained model from a reward-model workdir with
-`jaxsearch.train.reward_model.load_reward_fn(workdir)`.
+`jaxsearch.programs.reward_model.load_reward_fn(workdir)`.
 
 Example:
   >>> reward = reward_model_reward(model.apply, params, tokenizer)

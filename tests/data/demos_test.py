@@ -7,7 +7,7 @@ from absl.testing import absltest
 from jaxsearch.data import demos
 from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.transformer import TransformerConfig
-from jaxsearch.train.experiment import RunConfig, setup
+from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 
 WORLD = WorldConfig(num_people=60, num_distractors=20, train_size=200, validation_size=10,
                     test_size=20)

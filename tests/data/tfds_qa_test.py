@@ -114,7 +114,7 @@ class LoadTest(absltest.TestCase):
                                      "when did the berlin wall fall", ("1989",)),))
     self.assertLen(tfds_qa.load_tfds_qa(tfds_qa.NQ_OPEN, "train", data_dir, max_questions=2), 2)
     # What DataConfig.qa_* = "tfds:NAME:SPLIT" reads.
-    from jaxsearch.train.experiment import load_split  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.experiment import load_split  # noqa: PLC0415
     self.assertEqual(load_split(f"tfds:{tfds_qa.NQ_OPEN}:validation", tfds_data_dir=data_dir), dev)
     with self.assertRaisesRegex(ValueError, r"has no split 'test'; it has \['train', 'validation'\]"):
       tfds_qa.load_tfds_qa(tfds_qa.NQ_OPEN, "test", data_dir)

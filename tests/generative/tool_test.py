@@ -14,7 +14,7 @@ from jaxsearch.generative.docids import atomic_docids, docid_tokens, naive_docid
 from jaxsearch.generative.tool import GenerativeSearchClient
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.retrieval.http_tool import make_http_retrieve_fn
-from jaxsearch.train.experiment import RunConfig
+from jaxsearch.programs.search_agent.experiment import RunConfig
 
 TEXT_VOCAB = 40
 MAX_INPUT = 6
@@ -121,8 +121,8 @@ class AgentWithGenerativeRetrieverTest(absltest.TestCase):
   def test_the_agents_searches_are_decoded_into_docids(self):
     import tempfile  # noqa: PLC0415
     from jaxsearch.data.world import WorldConfig  # noqa: PLC0415
-    from jaxsearch.train import dsi as dsi_run  # noqa: PLC0415
-    from jaxsearch.train.experiment import setup  # noqa: PLC0415
+    from jaxsearch.programs import generative_retrieval as dsi_run  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.experiment import setup  # noqa: PLC0415
     from jaxsearch.train.optim import OptimizerConfig  # noqa: PLC0415
     world = WorldConfig(num_people=40, num_cities=10, num_countries=4, num_companies=8,
                         num_distractors=10, train_size=80, validation_size=10, test_size=30)

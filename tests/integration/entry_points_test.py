@@ -15,15 +15,15 @@ class EntryPointTest(absltest.TestCase):
 
   def test_quickstart_is_the_search_agent_loop(self):
     launcher.parse_gin(["gin/experiments/quickstart.gin"], [])
-    self.assertEqual(launcher.entry_point().__module__, "jaxsearch.train.loop")
+    self.assertEqual(launcher.entry_point().__module__, "jaxsearch.programs.search_agent.loop")
 
   def test_reward_model_experiment(self):
     launcher.parse_gin(["gin/experiments/reward_model.gin"], [])
-    self.assertEqual(launcher.entry_point().__module__, "jaxsearch.train.reward_model")
+    self.assertEqual(launcher.entry_point().__module__, "jaxsearch.programs.reward_model")
 
   def test_no_entry_point_is_an_error_naming_the_choices(self):
     launcher.parse_gin(["gin/models/tiny.gin"], [])
-    with self.assertRaisesRegex(ValueError, "exactly one entry point.*jaxsearch.train.loop.run"):
+    with self.assertRaisesRegex(ValueError, "exactly one entry point.*jaxsearch.programs.search_agent.loop.run"):
       launcher.entry_point()
 
 

@@ -107,7 +107,7 @@ def summary(workdir: str) -> dict:
 
 
 def rl_params(workdir: str):
-  from jaxsearch.train import workdir as workdir_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import workdir as workdir_lib  # noqa: PLC0415
   exp = workdir_lib.load_experiment(workdir)
   return jax.tree.map(np.asarray, workdir_lib.load_params(exp, workdir, "rl"))
 

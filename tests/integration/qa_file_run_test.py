@@ -76,10 +76,10 @@ class QAGinFilesTest(absltest.TestCase):
   def test_example_dataset(self):
     import gin  # noqa: PLC0415
     from experiments import run as launcher  # noqa: PLC0415
-    from jaxsearch.train.evaluate import answer_in_passages  # noqa: PLC0415
-    from jaxsearch.train.experiment import RunConfig, load_world  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.evaluate import answer_in_passages  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.experiment import RunConfig, load_world  # noqa: PLC0415
     launcher.parse_gin(["gin/experiments/qa_example.gin"], [])
-    data = gin.get_configurable("jaxsearch.train.experiment.DataConfig")()
+    data = gin.get_configurable("jaxsearch.programs.search_agent.experiment.DataConfig")()
     cwd = os.getcwd()
     try:
       os.chdir(REPO)   # the example paths are relative to the repository root

@@ -17,7 +17,7 @@ from jaxsearch.models.encoder import BertEncoder
 from jaxsearch.models.encoder import EncoderConfig
 from jaxsearch.models.encoder import init_encoder_params
 from jaxsearch.retrieval import embedding
-from jaxsearch.train.dense import make_embed_fn
+from jaxsearch.train.dual_encoder import make_embed_fn
 
 _CFG = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
                      intermediate_size=32, max_position=12)

@@ -16,7 +16,7 @@ from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.heads import RewardModel, ValueHeadConfig
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.rewards.model_reward import ModelReward, encode_episode, reward_model_reward
-from jaxsearch.train.experiment import RunConfig, setup
+from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 
 WORLD = WorldConfig(num_people=40, num_cities=12, num_countries=5, num_companies=8,
                     num_distractors=10, train_size=40, validation_size=8, test_size=24)

@@ -2,7 +2,7 @@
 from absl.testing import absltest, parameterized
 
 from jaxsearch.rollout.search_env import RolloutConfig
-from jaxsearch.train.experiment import RLConfig, RunConfig, SFTConfig
+from jaxsearch.programs.search_agent.experiment import RLConfig, RunConfig, SFTConfig
 from jaxsearch.train.steps import GRPOConfig
 
 

@@ -48,7 +48,7 @@ SEED = 0
 def _quickstart_configs():
   """The quickstart's policy and GRPO settings (gin/models/tiny.gin, gin/algos/grpo.gin)."""
   from jaxsearch.models.transformer import TransformerConfig  # noqa: PLC0415
-  from jaxsearch.train.experiment import RunConfig  # noqa: PLC0415
+  from jaxsearch.programs.search_agent.experiment import RunConfig  # noqa: PLC0415
   from jaxsearch.train.steps import GRPOConfig  # noqa: PLC0415
   model = TransformerConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=4,
                             num_kv_heads=2, mlp_dim=384, max_len=256)
@@ -93,7 +93,7 @@ def worker(args: dict) -> None:
 
   from jaxsearch.checkpoint import Checkpointer  # noqa: PLC0415
   from jaxsearch.train import distributed, sharding  # noqa: PLC0415
-  from jaxsearch.train.experiment import setup  # noqa: PLC0415
+  from jaxsearch.programs.search_agent.experiment import setup  # noqa: PLC0415
   from jaxsearch.train.steps import PolicyGradientBatch, make_policy_update_fn  # noqa: PLC0415
 
   started = distributed.initialize(args["coordinator"], args["num_processes"],

@@ -1,4 +1,4 @@
-"""Tests for jaxsearch.train.dense: the dual-encoder step (shared and separate encoders,
+"""Tests for jaxsearch.train.dual_encoder: the dual-encoder step (shared and separate encoders,
 dropout), recall@k by hand, and a small encoder trained from scratch on the world."""
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from jaxsearch.losses.contrastive import info_nce_loss
 from jaxsearch.models.encoder import BertEncoder
 from jaxsearch.models.encoder import EncoderConfig
 from jaxsearch.models.encoder import init_encoder_params
-from jaxsearch.train.dense import DualEncoderBatch
-from jaxsearch.train.dense import DualEncoderConfig
-from jaxsearch.train.dense import make_dual_encoder_loss_fn
-from jaxsearch.train.dense import make_dual_encoder_update_fn
-from jaxsearch.train.dense import make_embed_fn
-from jaxsearch.train.dense import recall_at_k
+from jaxsearch.train.dual_encoder import DualEncoderBatch
+from jaxsearch.train.dual_encoder import DualEncoderConfig
+from jaxsearch.train.dual_encoder import make_dual_encoder_loss_fn
+from jaxsearch.train.dual_encoder import make_dual_encoder_update_fn
+from jaxsearch.train.dual_encoder import make_embed_fn
+from jaxsearch.train.dual_encoder import recall_at_k
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.state import TrainState

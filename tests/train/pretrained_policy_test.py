@@ -11,7 +11,7 @@ import pytest
 
 from jaxsearch.models import pretrained
 from jaxsearch.models.transformer import Transformer
-from jaxsearch.train import experiment
+from jaxsearch.programs.search_agent import experiment
 
 
 class PretrainedSpecTest(absltest.TestCase):

@@ -19,14 +19,14 @@ from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.heads import ValueHeadConfig
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.rollout.search_env import RolloutConfig
-from jaxsearch.train import loop
-from jaxsearch.train.experiment import RLConfig, RunConfig, SFTConfig
+from jaxsearch.programs.search_agent import loop
+from jaxsearch.programs.search_agent.experiment import RLConfig, RunConfig, SFTConfig
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (CriticBatch, CriticConfig, GRPOConfig, init_critic_params,
                                    make_critic, make_critic_update_fn, make_gae_fn,
                                    outcome_token_rewards)
-from jaxsearch.train.workdir import config_to_json
+from jaxsearch.programs.search_agent.workdir import config_to_json
 
 V = 40
 CFG = TransformerConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,

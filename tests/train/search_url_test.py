@@ -8,7 +8,7 @@ from jaxsearch.data.world import WorldConfig, build_world
 from jaxsearch.retrieval import corpus as corpus_lib
 from jaxsearch.retrieval.retriever import build_retriever
 from jaxsearch.retrieval.server import serve_in_thread
-from jaxsearch.train.experiment import RunConfig, setup
+from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 
 WORLD = WorldConfig(num_people=60, num_distractors=20, train_size=100, validation_size=10,
                     test_size=16)

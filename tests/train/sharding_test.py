@@ -290,7 +290,7 @@ class GinMeshTest(absltest.TestCase):
   def test_every_mesh_file_parses_and_fits_its_devices(self):
     import gin  # noqa: PLC0415
     from experiments.run import parse_gin  # noqa: PLC0415
-    from jaxsearch.train.experiment import RunConfig  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.experiment import RunConfig  # noqa: PLC0415
     files = sorted(glob.glob(os.path.join(REPO, "gin", "mesh", "*.gin")))
     names = {os.path.basename(f) for f in files}
     self.assertContainsSubset(REQUIRED_MESH_FILES, names)

@@ -99,9 +99,9 @@ from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.retrieval.dense import exact_search
 from jaxsearch.retrieval.scann_index import ScannConfig, ScannIndex
 from jaxsearch.rewards.qa import exact_match
-from jaxsearch.train.dense import make_embed_fn
+from jaxsearch.train.dual_encoder import make_embed_fn
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
-from jaxsearch.train.reward_model import unique_questions
+from jaxsearch.programs.reward_model import unique_questions
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
 
@@ -949,5 +949,5 @@ def _decode_answers(seg: np.ndarray, end_id: int, tokenizer: Any) -> list[str | 
 
 def load_config(workdir: str) -> RealmConfig:
   """The `RealmConfig` a REALM workdir was trained with."""
-  from jaxsearch.train.workdir import read_config  # noqa: PLC0415
+  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
   return read_config(workdir, CONFIG_FILE, RealmConfig, "a REALM workdir")

@@ -18,7 +18,7 @@ from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.heads import RewardModel, ValueHeadConfig
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.rewards.qa import REWARDS
-from jaxsearch.train import reward_model as rm
+from jaxsearch.programs import reward_model as rm
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 

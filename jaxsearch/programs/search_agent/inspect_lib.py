@@ -35,8 +35,8 @@ import numpy as np
 from jaxsearch.data.world import Question
 from jaxsearch.rewards.qa import exact_match, extract_answer
 from jaxsearch.rollout.search_env import EpisodeStatus
-from jaxsearch.train import evaluate as eval_lib
-from jaxsearch.train.experiment import Experiment
+from jaxsearch.programs.search_agent import evaluate as eval_lib
+from jaxsearch.programs.search_agent.experiment import Experiment
 from jaxsearch.types import PyTree
 
 _QUERY_RE = re.compile(r"<search>(.*?)</search>", re.S)
@@ -83,7 +83,7 @@ def load_agent(workdir: str, phase: str | None = None,
     FileNotFoundError: not a run's workdir, or it has no checkpoint of the phase.
   """
   from jaxsearch.checkpoint import Checkpointer  # noqa: PLC0415
-  from jaxsearch.train import workdir as workdir_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import workdir as workdir_lib  # noqa: PLC0415
   if phase is None:
     phases = [p for p in ("rl", "sft")
               if Checkpointer(os.path.join(workdir, "checkpoints", p)).latest_step() is not None]

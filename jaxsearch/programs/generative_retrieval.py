@@ -27,7 +27,7 @@ Data.
   "world"    the 448 passages of the embedded world are indexed. Queries are the world's
              questions judged against their first supporting document (the passage about
              the entity the question names; for 2-hop questions the second hop is about an
-             entity the question does not name), as `jaxsearch.train.dense_retriever`:
+             entity the question does not name), as `jaxsearch.programs.dense_retriever`:
              seen = the train split (trained on), unseen = the test split (about
              entities no training question mentions), validation = curves.
   "wordnet"  WordNet entity glosses (`jaxsearch.data.wordnet`), a seeded subset of
@@ -145,7 +145,7 @@ class DSIConfig:
     semantic_k, semantic_c: DSI hierarchical k-means: clusters per level, largest leaf.
     rq_levels, rq_codebook_size: residual quantisation levels and centroids per level.
     embeddings: document embeddings for semantic / rq docIDs: "minilm" or "dense".
-    dense_workdir: the `jaxsearch.train.dense_retriever` workdir whose encoder embeds the
+    dense_workdir: the `jaxsearch.programs.dense_retriever` workdir whose encoder embeds the
       documents when `embeddings == "dense"`.
     embedding_cache_dir: where embeddings are cached ("" = WORKDIR/embeddings); share one
       directory between runs to embed the corpus once.
@@ -430,7 +430,7 @@ def text_embeddings(config: DSIConfig, workdir: str, texts: Sequence[str], what:
   """[len(texts), D] embeddings of `texts` by the configured encoder (MiniLM or the dense
   workdir's), cached under the embedding cache directory."""
   if config.embeddings == "dense":
-    from jaxsearch.train.dense_retriever import load_text_encoder  # noqa: PLC0415
+    from jaxsearch.programs.dense_retriever import load_text_encoder  # noqa: PLC0415
     from jaxsearch.checkpoint import Checkpointer as _C  # noqa: PLC0415
     ckpt = _C(os.path.join(config.dense_workdir, "checkpoints", "dense"))
     step = ckpt.latest_step()
@@ -870,7 +870,7 @@ def run(config: DSIConfig, workdir: str, *,
   final_system, dsi_params = "dsi", state.params
   bm25 = None
   if config.ddro_steps:
-    from jaxsearch.train.dense_retriever import mine_hard_negatives  # noqa: PLC0415
+    from jaxsearch.programs.dense_retriever import mine_hard_negatives  # noqa: PLC0415
     bm25 = build_retriever("bm25", corpus)
     exclude = [frozenset(corpus.row(d) for d in seen.qrels[q]) for q in seen.queries]
     depth_neg = min(config.hard_negative_depth,
@@ -1046,7 +1046,7 @@ def _compute_baselines(config: DSIConfig, workdir: str, data: DSIData,
 
 def load_config(workdir: str) -> DSIConfig:
   """The `DSIConfig` a DSI workdir was trained with."""
-  from jaxsearch.train.workdir import read_config  # noqa: PLC0415
+  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
   return read_config(workdir, CONFIG_FILE, DSIConfig, "a DSI workdir")
 
 
@@ -1061,7 +1061,7 @@ def load_model(workdir: str, phase: str | None = None
     >>> prompts, mask = dsi.prompt_batch([tok.encode("Who is Mira?")], layout,
     ...                                  max_input_tokens=32)
   """
-  from jaxsearch.train.workdir import config_from_dict  # noqa: PLC0415
+  from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
   config = load_config(workdir)
   tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
   docids, _ = load_docids(workdir)

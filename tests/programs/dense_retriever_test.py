@@ -15,7 +15,7 @@ from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.encoder import EncoderConfig
 from jaxsearch.retrieval.corpus import Corpus
 from jaxsearch.retrieval.retriever import build_retriever
-from jaxsearch.train import dense_retriever as dr
+from jaxsearch.programs import dense_retriever as dr
 from jaxsearch.train.optim import OptimizerConfig
 
 SMALL_WORLD = WorldConfig(num_people=60, num_cities=16, num_countries=6, num_companies=12,
@@ -229,7 +229,7 @@ class GinExperimentTest(absltest.TestCase):
   def test_entry_point(self):
     import gin  # noqa: PLC0415
     from experiments import run as launcher  # noqa: PLC0415
-    self.assertIn("jaxsearch.train.dense_retriever.run", launcher.ENTRY_POINTS)
+    self.assertIn("jaxsearch.programs.dense_retriever.run", launcher.ENTRY_POINTS)
     gin.clear_config()
     try:
       launcher.parse_gin(["gin/experiments/dense_retriever.gin"], [])

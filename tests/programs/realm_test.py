@@ -1,4 +1,4 @@
-"""Tests for the REALM experiment (jaxsearch.train.realm) on a tiny world."""
+"""Tests for the REALM experiment (jaxsearch.programs.realm) on a tiny world."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,7 @@ from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.encoder import EncoderConfig, init_encoder_params
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.retrieval.scann_index import ScannConfig
-from jaxsearch.train import realm
+from jaxsearch.programs import realm
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.state import TrainState
 

@@ -45,8 +45,8 @@ from jaxsearch.checkpoint import Checkpointer
 from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxsearch.train import distributed
-from jaxsearch.train import evaluate as eval_lib
-from jaxsearch.train.experiment import Experiment, RunConfig, setup
+from jaxsearch.programs.search_agent import evaluate as eval_lib
+from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
 from jaxsearch.train import sharding
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.state import TrainState
@@ -93,7 +93,7 @@ def run(config: RunConfig, workdir: str, *,
   # reading a half-written file.
   distributed.sync("tokenizer_saved")
   if jax.process_index() == 0:
-    from jaxsearch.train.workdir import CONFIG_FILE, config_to_json  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, config_to_json  # noqa: PLC0415
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config_to_json(config))
   mesh = sharding.make_mesh(config.mesh)
@@ -163,7 +163,7 @@ def share_warm_start(config: RunConfig, workdir: str) -> bool:
     FileNotFoundError: `init_from` is not a run's workdir.
     ValueError: the two runs' warm-start settings differ, or `init_from` has not finished SFT.
   """
-  from jaxsearch.train.workdir import load_config  # noqa: PLC0415
+  from jaxsearch.programs.search_agent.workdir import load_config  # noqa: PLC0415
   source = config.rl.init_from
   dst = os.path.join(workdir, "checkpoints", "sft")
   if os.path.isdir(dst) and any(d.isdigit() for d in os.listdir(dst)):

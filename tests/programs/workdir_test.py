@@ -5,10 +5,10 @@ from absl.testing import absltest
 
 from jaxsearch.data.demos import TeacherConfig
 from jaxsearch.data.world import WorldConfig
-from jaxsearch.train.experiment import RLConfig, RunConfig, SFTConfig
+from jaxsearch.programs.search_agent.experiment import RLConfig, RunConfig, SFTConfig
 from jaxsearch.train.sharding import MeshConfig
 from jaxsearch.train.steps import GRPOConfig
-from jaxsearch.train.workdir import config_from_dict, config_to_json
+from jaxsearch.programs.search_agent.workdir import config_from_dict, config_to_json
 
 
 class WorkdirConfigTest(absltest.TestCase):

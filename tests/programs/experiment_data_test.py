@@ -16,9 +16,9 @@ from jaxsearch.data import demos
 from jaxsearch.data.qa_files import QA_KIND, QAFormatError, QAWorld
 from jaxsearch.retrieval.corpus import CorpusFormatError
 from jaxsearch.rewards.qa import extract_answer
-from jaxsearch.train import evaluate as eval_lib
-from jaxsearch.train import workdir as workdir_lib
-from jaxsearch.train.experiment import DataConfig, RunConfig, load_world, passage_text, setup
+from jaxsearch.programs.search_agent import evaluate as eval_lib
+from jaxsearch.programs.search_agent import workdir as workdir_lib
+from jaxsearch.programs.search_agent.experiment import DataConfig, RunConfig, load_world, passage_text, setup
 
 PASSAGES = [
     ("p-hamlet", "Hamlet", "Hamlet is a tragedy written by Shakespeare around 1600."),

@@ -23,7 +23,7 @@ query after removing every document relevant to that query (in BM25's order). Ea
 draws `num_hard_negatives` of them per query.
 
 Objective. With B queries q_i, their positives d_i and the B * H hard negatives n_j, all
-embedded by one shared encoder (`jaxsearch.train.dense.make_dual_encoder_update_fn`):
+embedded by one shared encoder (`jaxsearch.train.dual_encoder.make_dual_encoder_update_fn`):
 
   L = mean_i [ logsumexp_{c in {d_1..d_B, n_1..n_BH}} s(q_i, c) / tau  -  s(q_i, d_i) / tau ]
 
@@ -84,7 +84,7 @@ from jaxsearch.retrieval import embedding
 from jaxsearch.retrieval import metrics as retrieval_metrics
 from jaxsearch.retrieval.dense import exact_search
 from jaxsearch.retrieval.retriever import Retriever, build_retriever
-from jaxsearch.train.dense import (DualEncoderBatch, DualEncoderConfig, make_dual_encoder_update_fn,
+from jaxsearch.train.dual_encoder import (DualEncoderBatch, DualEncoderConfig, make_dual_encoder_update_fn,
                                    make_embed_fn)
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
@@ -768,7 +768,7 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
 
 def load_config(workdir: str) -> DenseRetrieverConfig:
   """The `DenseRetrieverConfig` a dense-retriever workdir was trained with."""
-  from jaxsearch.train.workdir import read_config  # noqa: PLC0415
+  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
   return read_config(workdir, CONFIG_FILE, DenseRetrieverConfig, "a dense-retriever workdir")
 
 
@@ -776,7 +776,7 @@ def load_encoder(workdir: str, step: int | None = None
                  ) -> tuple[EncoderConfig, PyTree, WordPieceTokenizer]:
   """`(encoder config, trained params, query tokenizer)` of a dense-retriever workdir."""
   import tokenizers  # noqa: PLC0415
-  from jaxsearch.train.workdir import config_from_dict  # noqa: PLC0415
+  from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
   config = load_config(workdir)
   with open(os.path.join(workdir, ENCODER_CONFIG_FILE)) as f:
     enc_config = config_from_dict(EncoderConfig, json.load(f))

@@ -21,11 +21,11 @@ from jaxsearch.data.tokenizer import save_tokenizer
 from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.rollout.search_env import EpisodeStatus, RolloutConfig
-from jaxsearch.train import evaluate as eval_lib
-from jaxsearch.train import inspect_lib
-from jaxsearch.train.experiment import RunConfig, setup
+from jaxsearch.programs.search_agent import evaluate as eval_lib
+from jaxsearch.programs.search_agent import inspect_lib
+from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 from jaxsearch.train.optim import make_optimizer
-from jaxsearch.train.workdir import CONFIG_FILE, config_to_json
+from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, config_to_json
 from jaxsearch.types import Rollout
 
 CONFIG = RunConfig(

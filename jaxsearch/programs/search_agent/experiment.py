@@ -234,7 +234,7 @@ class RunConfig:
       (`jaxsearch.retrieval.http_tool`; timeouts and retries, a failing server gives empty
       results and a logged error), and the returned ids select the local passages.
     generative_retriever: "" or the workdir of a trained generative retriever
-      (`jaxsearch.train.dsi.run`, e.g. `gin/experiments/dsi_world.gin`) over the same corpus:
+      (`jaxsearch.programs.generative_retrieval.run`, e.g. `gin/experiments/dsi_world.gin`) over the same corpus:
       each search is decoded into docIDs by its trie-constrained beam search
       (`jaxsearch.generative.tool.GenerativeSearchClient`, on the host through a callback),
       and the docIDs' documents are the passages shown. Exclusive with `search_url`.

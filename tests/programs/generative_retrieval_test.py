@@ -13,7 +13,7 @@ import pytest
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.data.world import WorldConfig, build_world
 from jaxsearch.models.transformer import TransformerConfig
-from jaxsearch.train import dsi as dsi_run
+from jaxsearch.programs import generative_retrieval as dsi_run
 from jaxsearch.train.optim import OptimizerConfig
 
 SMALL_WORLD = WorldConfig(num_people=40, num_cities=10, num_countries=4, num_companies=8,
@@ -222,7 +222,7 @@ def gin_config(path: str, *bindings) -> dsi_run.DSIConfig:
   gin.clear_config()
   try:
     parse_gin([path], list(bindings))
-    assert entry_point().__module__ == "jaxsearch.train.dsi"
+    assert entry_point().__module__ == "jaxsearch.programs.generative_retrieval"
     return gin.get_configurable(dsi_run.DSIConfig)()
   finally:
     gin.clear_config()

@@ -29,7 +29,7 @@ searches and answers (the copy-from-passage skill of a search agent), and
 `extra_train_worlds`, training pairs from worlds with other seeds, whose facts cannot be
 memorised.
 
-Workdir layout (as `jaxsearch.train.loop`):
+Workdir layout (as `jaxsearch.programs.search_agent.loop`):
   tokenizer.model          the BPE tokenizer (trained on the world, or the policy's)
   rm_config.json           the resolved `RewardModelConfig`
   trunk_config.json        the trunk's `TransformerConfig` as built (vocabulary size resolved)
@@ -72,7 +72,7 @@ from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.rewards.model_reward import ModelReward, reward_model_reward
 from jaxsearch.rollout.search_env import RolloutConfig
 from jaxsearch.train import sharding
-from jaxsearch.train.experiment import Experiment, RunConfig, setup
+from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
@@ -118,7 +118,7 @@ class RewardModelConfig:
       remembering which answer goes with which subject does not help there: the model must
       check the answer against the retrieved passages, which is what transfers to held-out
       subjects. Held-out pairs always come from `world`.
-    init_from: optional search-agent workdir (`jaxsearch.train.loop.run`) whose policy
+    init_from: optional search-agent workdir (`jaxsearch.programs.search_agent.loop.run`) whose policy
       initialises the trunk; its tokenizer and model config are then used (`model` and
       `tokenizer_vocab_size` are ignored).
     init_phase: the checkpoint phase of `init_from`: "sft" or "rl".
@@ -429,7 +429,7 @@ def _environment(config: RewardModelConfig, tokenizer: Any | None, vocab: int) -
 
 def _policy_init(config: RewardModelConfig):
   """(tokenizer, trunk config, policy params) of `config.init_from`."""
-  from jaxsearch.train import workdir as workdir_lib  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import workdir as workdir_lib  # noqa: PLC0415
   policy_exp = workdir_lib.load_experiment(config.init_from)
   params = workdir_lib.load_params(policy_exp, config.init_from, phase=config.init_phase)
   return policy_exp.tokenizer, policy_exp.model.config, params
@@ -599,14 +599,14 @@ def _train_and_evaluate(config, workdir, mesh, model, params, tokenizer, train, 
 
 def load_config(workdir: str) -> RewardModelConfig:
   """The `RewardModelConfig` a reward-model workdir was trained with."""
-  from jaxsearch.train.workdir import read_config  # noqa: PLC0415
+  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
   return read_config(workdir, CONFIG_FILE, RewardModelConfig, "a reward-model workdir")
 
 
 def load_reward_model(workdir: str, step: int | None = None
                       ) -> tuple[RewardModel, PyTree, SentencePieceTokenizer]:
   """`(model, params, tokenizer)` of a reward-model workdir (latest checkpoint by default)."""
-  from jaxsearch.train.workdir import config_from_dict  # noqa: PLC0415
+  from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
   config = load_config(workdir)
   with open(os.path.join(workdir, "trunk_config.json")) as f:
     trunk_config = config_from_dict(TransformerConfig, json.load(f))
