@@ -84,7 +84,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from jaxsearch.retrieval.dense import ExactDenseRetriever  # noqa: E402
+from jaxsearch.retrieval.mips import ExactDenseRetriever  # noqa: E402
 from jaxsearch.retrieval.metrics import retrieval_recall  # noqa: E402
 from jaxsearch.retrieval.scann_index import ScannIndex, derive_params  # noqa: E402
 
@@ -188,7 +188,7 @@ def load_embeddings(path: str, num_queries: int | None = None
 def minilm_world(num_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """MiniLM embeddings of the embedded world's passages and questions."""
   from jaxsearch.data.world import WorldConfig, build_world  # noqa: PLC0415
-  from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+  from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
   world = build_world(WorldConfig(seed=seed))
   encode = minilm_text_encoder(batch_size=64)
   docs = encode([d.contents for d in world.documents])

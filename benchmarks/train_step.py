@@ -102,7 +102,7 @@ def bench_one(name: str, kwargs: dict, rows: int, seq_len: int, steps: list[str]
   from jaxsearch.models.transformer import Transformer, TransformerConfig  # noqa: PLC0415
   from jaxsearch.train import sharding  # noqa: PLC0415
   from jaxsearch.train.state import TrainState  # noqa: PLC0415
-  from jaxsearch.train.steps import (GRPOConfig, make_policy_update_fn,  # noqa: PLC0415
+  from jaxsearch.train.steps import (PolicyGradientConfig, make_policy_update_fn,  # noqa: PLC0415
                                      make_sft_update_fn)
 
   config = TransformerConfig(**kwargs)
@@ -128,7 +128,7 @@ def bench_one(name: str, kwargs: dict, rows: int, seq_len: int, steps: list[str]
     return TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
 
   pg_batch, sft_batch, group = _batches(config, rows, seq_len)
-  grpo = GRPOConfig(prompts_per_step=rows // group, num_generations=group, kl_coef=0.01,
+  grpo = PolicyGradientConfig(prompts_per_step=rows // group, num_generations=group, kl_coef=0.01,
                     kl_kind="low_var_kl")
   fns = {"grpo": (make_policy_update_fn(apply_fn, grpo), pg_batch),
          "sft": (make_sft_update_fn(apply_fn), sft_batch)}

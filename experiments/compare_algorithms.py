@@ -57,7 +57,7 @@ ALGORITHMS = (
     ("rloo", "RLOO", "gin/algos/rloo.gin"),
 )
 DEFAULT_ALGOS = ("grpo", "drgrpo", "stratified_grpo", "ppo", "reinforce_pp", "grpo_llds")
-COMMON_BINDINGS = ("steps.GRPOConfig.updates_per_batch = 2",)
+COMMON_BINDINGS = ("steps.PolicyGradientConfig.updates_per_batch = 2",)
 # Smoke mode: a tiny world and model, a few steps (as tests/integration/launcher_test.py).
 SMOKE_BINDINGS = (
     "SFT_STEPS = 3", "RL_STEPS = 4",
@@ -65,7 +65,7 @@ SMOKE_BINDINGS = (
     "world.WorldConfig.train_size = 100", "world.WorldConfig.validation_size = 10",
     "world.WorldConfig.test_size = 16",
     "experiment.SFTConfig.num_demos = 64", "experiment.SFTConfig.batch_size = 8",
-    "steps.GRPOConfig.prompts_per_step = 2", "steps.GRPOConfig.num_generations = 2",
+    "steps.PolicyGradientConfig.prompts_per_step = 2", "steps.PolicyGradientConfig.num_generations = 2",
     "experiment.RunConfig.eval_batch_size = 16", "experiment.RunConfig.checkpoint_every = 2",
     "search_env.RolloutConfig.max_len = 128",
     "transformer.TransformerConfig.d_model = 32", "transformer.TransformerConfig.num_layers = 1",

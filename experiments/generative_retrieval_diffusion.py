@@ -124,7 +124,7 @@ def make_docids(kind: str, world: World, tokenizer, embeddings: str, seed: int) 
     raise ValueError(f"--docids kind must be naive or semantic, got {kind!r}")
   texts = [d.text for d in world.documents]
   if embeddings == "minilm":
-    from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+    from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
     emb = np.asarray(minilm_text_encoder()(texts), np.float64)
   else:
     counts = np.zeros((n, tokenizer.vocab_size))

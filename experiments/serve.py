@@ -47,7 +47,7 @@ def build(corpus_spec: str, retriever_name: str, *, world_seed: int = 0, **serve
   corpus = load_corpus(corpus_spec, world_seed=world_seed)
   kwargs = {}
   if retriever_name in ("exact", "scann"):
-    from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+    from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
     kwargs["encoder"] = minilm_text_encoder()
   retriever = build_retriever(retriever_name, corpus, **kwargs)
   return make_server(retriever, corpus, **server_kwargs)

@@ -94,7 +94,7 @@ def minilm_embeddings(corpus: Corpus, query_ids: list[str], query_texts: list[st
   def get_encoder():
     nonlocal encoder
     if encoder is None:
-      from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+      from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
       encoder = minilm_text_encoder(batch_size=batch_size, show_progress=True)
     return encoder
 
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     timing["bm25_s"] = time.perf_counter() - start
 
   if "minilm" in retrievers:
-    from jaxsearch.retrieval.dense import ExactDenseRetriever  # noqa: PLC0415
+    from jaxsearch.retrieval.mips import ExactDenseRetriever  # noqa: PLC0415
     query_ids = [qid for q in query_sets.values() for qid in q.queries]
     query_texts = [t for q in query_sets.values() for t in q.queries.values()]
     query_kinds = [kind for kind, q in query_sets.items() for _ in q.queries]

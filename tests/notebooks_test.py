@@ -52,7 +52,7 @@ TINY_BINDINGS = ";".join([
     "world.WorldConfig.train_size = 100", "world.WorldConfig.validation_size = 10",
     "world.WorldConfig.test_size = 16",
     "experiment.SFTConfig.num_demos = 64", "experiment.SFTConfig.batch_size = 8",
-    "steps.GRPOConfig.prompts_per_step = 2", "steps.GRPOConfig.num_generations = 2",
+    "steps.PolicyGradientConfig.prompts_per_step = 2", "steps.PolicyGradientConfig.num_generations = 2",
     "experiment.RunConfig.eval_batch_size = 16",
     "search_env.RolloutConfig.max_len = 128",
     "transformer.TransformerConfig.d_model = 32", "transformer.TransformerConfig.num_layers = 1",
@@ -587,7 +587,7 @@ EXPLORER_BINDINGS = ";".join([
     "world.WorldConfig.train_size = 100", "world.WorldConfig.validation_size = 10",
     "world.WorldConfig.test_size = 16",
     "experiment.SFTConfig.num_demos = 64", "experiment.SFTConfig.batch_size = 8",
-    "steps.GRPOConfig.prompts_per_step = 2", "steps.GRPOConfig.num_generations = 2",
+    "steps.PolicyGradientConfig.prompts_per_step = 2", "steps.PolicyGradientConfig.num_generations = 2",
     "experiment.RunConfig.eval_batch_size = 16", "search_env.RolloutConfig.max_len = 128",
     "transformer.TransformerConfig.d_model = 32", "transformer.TransformerConfig.num_layers = 1",
     "transformer.TransformerConfig.mlp_dim = 64",
@@ -705,14 +705,14 @@ class GenerativeRetrievalNotebookTest(absltest.TestCase):
 
   def test_decoded_question_lists_valid_docids_with_their_log_likelihood(self):
     import jax  # noqa: PLC0415
-    from jaxsearch.programs import generative_retrieval as dsi_run  # noqa: PLC0415
     from jaxsearch.generative.docids import docid_strings  # noqa: PLC0415
+    from jaxsearch.generative.workdir import load_docids, load_model  # noqa: PLC0415
     cell, qid, question, relevant = self.decoded()
     self.assertTrue(qid.startswith("test-"))
     lines = DECODED_LINE.findall(cell)
     self.assertEqual([int(line[0]) for line in lines], [1, 2, 3, 4, 5])
-    model, params, tokenizer, docids, layout = dsi_run.load_model(self.workdir)
-    docids_saved, doc_ids = dsi_run.load_docids(self.workdir)
+    model, params, tokenizer, docids, layout = load_model(self.workdir)
+    docids_saved, doc_ids = load_docids(self.workdir)
     strings = docid_strings(docids_saved)
     scores = [float(line[3]) for line in lines]
     self.assertEqual(scores, sorted(scores, reverse=True))

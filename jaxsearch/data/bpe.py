@@ -45,8 +45,8 @@ from typing import Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from jaxsearch.data.tokenizer import _BPE_HEADER as HEADER
-from jaxsearch.data.tokenizer import TAGS
+from jaxsearch.data.tokenizer_format import BPE_HEADER as HEADER
+from jaxsearch.data.tokenizer_format import TAGS
 
 # llama.cpp pre-tokenizer names whose regex list is ["\p{N}", GPT-2's regex] (llama-vocab.cpp).
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",

@@ -39,13 +39,12 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
 
-TAGS = ("<search>", "</search>", "<information>", "</information>", "<answer>", "</answer>",
-        "<think>", "</think>")
+from jaxsearch.data.tokenizer_format import BPE_HEADER as _BPE_HEADER
+from jaxsearch.data.tokenizer_format import BYTE_HEADER as _BYTE_HEADER
+from jaxsearch.data.tokenizer_format import SP_HEADER as _SP_HEADER
+from jaxsearch.data.tokenizer_format import TAGS
 
 _TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
-_BYTE_HEADER = b"jaxsearch-tokenizer:byte:v1\n"
-_SP_HEADER = b"jaxsearch-tokenizer:sentencepiece:v1\n"
-_BPE_HEADER = b"jaxsearch-tokenizer:bpe:v1\n"  # jaxsearch.data.bpe.ByteLevelBPETokenizer
 
 
 def _unknown_tag(tag: str) -> ValueError:
@@ -268,7 +267,7 @@ def tokenizer_from_bytes(data: bytes) -> Tokenizer:
   if data.startswith(_SP_HEADER):
     return SentencePieceTokenizer.from_bytes(data)
   if data.startswith(_BPE_HEADER):
-    from jaxsearch.data.bpe import ByteLevelBPETokenizer  # noqa: PLC0415 (bpe imports us)
+    from jaxsearch.data.bpe import ByteLevelBPETokenizer  # noqa: PLC0415 (HF tokenizers)
     return ByteLevelBPETokenizer.from_bytes(data)
   raise ValueError(f"unrecognised tokenizer bytes starting with {data[:40]!r}; expected a "
                    f"header {_BYTE_HEADER!r} or {_SP_HEADER!r}")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsearch.generative import dsi
+from jaxsearch.generative import workdir as workdir_lib
 from jaxsearch.generative.docids import DocIds
 from jaxsearch.generative.trie import build_trie, trie_depth
 
@@ -77,14 +78,14 @@ class GenerativeSearchClient:
 
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs: Any) -> "GenerativeSearchClient":
-    """The client of a finished `jaxsearch.programs.generative_retrieval.run` workdir (DDRO stage if it ran).
+    """The client of a finished `jaxsearch.programs.generative_retrieval.run` workdir (DDRO
+    stage if it ran), read by `jaxsearch.generative.workdir`.
 
     `max_input_tokens` defaults to the workdir's `DSIConfig.max_input_tokens`.
     """
-    import jaxsearch.programs.generative_retrieval as dsi_run  # noqa: PLC0415  (train/ builds on generative/)
-    model, params, tokenizer, docids, layout = dsi_run.load_model(workdir)
-    _, doc_ids = dsi_run.load_docids(workdir)
-    kwargs.setdefault("max_input_tokens", dsi_run.load_config(workdir).max_input_tokens)
+    model, params, tokenizer, docids, layout = workdir_lib.load_model(workdir)
+    _, doc_ids = workdir_lib.load_docids(workdir)
+    kwargs.setdefault("max_input_tokens", workdir_lib.load_max_input_tokens(workdir))
     return cls(model, params, tokenizer, docids, layout, doc_ids, **kwargs)
 
   def retrieve(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -259,6 +259,8 @@ def stratified_advantages(rewards: jax.Array, group_ids: jax.Array, strata: jax.
     >>> s = jnp.array([1, 1, 2, 2])                # rows 2-3 twice
     >>> a = stratified_advantages(r, jnp.zeros(4, int), s, blend=1.0)   # [.707, -.707, 0, 0]
   """
+  if isinstance(blend, (int, float)) and not 0.0 <= blend <= 1.0:
+    raise ValueError(f"blend must be in [0, 1], got {blend!r}")
   rewards = jnp.asarray(rewards, jnp.float32)
   group_ids, strata = jnp.asarray(group_ids), jnp.asarray(strata)
   _check_rows(rewards, group_ids)

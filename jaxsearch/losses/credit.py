@@ -24,6 +24,8 @@ Example:
   >>> turn_ids = jnp.array([[0, 1, 1, 1, 2, 2, 0]])        # prompt, turn 1, turn 2, padding
   >>> r = jnp.array([[0.0, 1.0]])                           # reward of turns 1 and 2
   >>> adv, turn_adv = turn_level_advantages(r, turn_ids, jnp.array([0]), scale="none")
+  >>> print(adv)                   # a group of one row is its own baseline: 0 everywhere
+  [[0. 0. 0. 0. 0. 0. 0.]]
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def present_turns(turn_ids: jax.Array, num_turns: int,
     [N, K] bool.
 
   Example:
-    >>> p = present_turns(jnp.array([[0, 1, 1, 0]]), 3)    # [[True, False, False]]
+    >>> print(present_turns(jnp.array([[0, 1, 1, 0]]), 3))
+    [[ True False False]]
   """
   hot = _turn_onehot(turn_ids, num_turns)
   if valid_mask is not None:
@@ -84,7 +87,8 @@ def turn_sums(token_values: jax.Array, turn_ids: jax.Array, num_turns: int,
     [N, K] float32, column k-1 the sum over turn k (0 for absent turns).
 
   Example:
-    >>> s = turn_sums(jnp.array([[9., 1., 2., 4.]]), jnp.array([[0, 1, 1, 2]]), 2)  # [[3, 4]]
+    >>> print(turn_sums(jnp.array([[9., 1., 2., 4.]]), jnp.array([[0, 1, 1, 2]]), 2))
+    [[3. 4.]]
   """
   x = jnp.asarray(token_values, jnp.float32)
   hot = _turn_onehot(turn_ids, num_turns)
@@ -105,7 +109,8 @@ def broadcast_turns(turn_values: jax.Array, turn_ids: jax.Array) -> jax.Array:
     [N, T] float32.
 
   Example:
-    >>> b = broadcast_turns(jnp.array([[5., 7.]]), jnp.array([[0, 1, 1, 2, 3]]))  # [[0,5,5,7,0]]
+    >>> print(broadcast_turns(jnp.array([[5., 7.]]), jnp.array([[0, 1, 1, 2, 3]])))
+    [[0. 5. 5. 7. 0.]]
   """
   turn_values = jnp.asarray(turn_values, jnp.float32)
   turn_ids = jnp.asarray(turn_ids)
@@ -130,7 +135,8 @@ def turn_returns(turn_rewards: jax.Array, turn_mask: Optional[jax.Array] = None,
     [N, K] float32, 0 at invalid turns.
 
   Example:
-    >>> g = turn_returns(jnp.array([[1., 0., 2.]]), gamma=0.5)   # [[1.5, 1., 2.]]
+    >>> print(turn_returns(jnp.array([[1., 0., 2.]]), gamma=0.5))   # 1 + .5 * (0 + .5 * 2)
+    [[1.5 1.  2. ]]
   """
   r = jnp.asarray(turn_rewards, jnp.float32)
   m = jnp.ones(r.shape, bool) if turn_mask is None else jnp.asarray(turn_mask, bool)
@@ -191,7 +197,12 @@ def turn_level_advantages(turn_rewards: jax.Array, turn_ids: jax.Array, group_id
     >>> turn_ids = jnp.array([[0, 1, 1, 2], [0, 1, 2, 2]])
     >>> r = jnp.array([[0., 1.], [0., 0.]])
     >>> adv, ta = turn_level_advantages(r, turn_ids, jnp.array([0, 0]), scale="none")
-    >>> # returns [[1, 1], [0, 0]], group mean .5: ta = [[.5, .5], [-.5, -.5]]
+    >>> print(ta)                  # returns [[1, 1], [0, 0]] minus the group mean .5
+    [[ 0.5  0.5]
+     [-0.5 -0.5]]
+    >>> print(adv)
+    [[ 0.   0.5  0.5  0.5]
+     [ 0.  -0.5 -0.5 -0.5]]
   """
   if scale not in SCALES:
     raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -244,7 +255,11 @@ def dual_level_advantages(turn_rewards: jax.Array, turn_ids: jax.Array,
     >>> turn_ids = jnp.array([[0, 1, 2], [0, 1, 2]])
     >>> adv, traj = dual_level_advantages(jnp.array([[1., 0.], [0., 0.]]), turn_ids,
     ...     jnp.array([1., 0.]), jnp.array([0, 0]), turn_weight=0.5, scale="none")
-    >>> # traj = [.5, -.5]; turn returns [[1, 0], [0, 0]] - .25 -> adv[0] = [.5, .875, .375]
+    >>> print(traj)
+    [ 0.5 -0.5]
+    >>> print(adv)      # traj + .5 * (turn returns [[1, 0], [0, 0]] - their mean .25)
+    [[ 0.5    0.875  0.375]
+     [-0.5   -0.625 -0.625]]
   """
   traj = grpo_advantages(outcome_rewards, group_ids, scale=scale, eps=eps)
   turn_adv, _ = turn_level_advantages(turn_rewards, turn_ids, group_ids, turn_mask=turn_mask,
@@ -273,7 +288,10 @@ def information_gain_rewards(gold_logp: jax.Array, turn_mask: Optional[jax.Array
     f(after the last turn) - f(prompt only).
 
   Example:
-    >>> ig = information_gain_rewards(jnp.log(jnp.array([[.1, .4, .8]])))  # [[log 4, log 2]]
+    >>> ig = information_gain_rewards(jnp.log(jnp.array([[.1, .4, .8]])))
+    >>> import numpy as np
+    >>> print(np.asarray(ig).round(4))    # [[log 4, log 2]]
+    [[1.3863 0.6931]]
   """
   if space not in ("log", "prob"):
     raise ValueError(f"space must be 'log' or 'prob', got {space!r}")
@@ -309,7 +327,9 @@ def igpo_turn_rewards(gold_logp: jax.Array, outcome_rewards: jax.Array,
   Example:
     >>> g = jnp.log(jnp.array([[.1, .4, .8, .8]]))
     >>> r = igpo_turn_rewards(g, jnp.array([1.]), jnp.array([[True, True, False]]))
-    >>> # r = [[log 4, 1, 0]]: turn 2 is the last valid turn
+    >>> import numpy as np
+    >>> print(np.asarray(r).round(4))     # [[log 4, 1, 0]]: turn 2 is the last valid turn
+    [[1.3863 1.     0.    ]]
   """
   turn_mask = jnp.asarray(turn_mask, bool)
   ig = information_gain_rewards(gold_logp, turn_mask, space=space)
@@ -354,7 +374,11 @@ def build_gold_scoring_batch(tokens: jax.Array, turn_ids: jax.Array, valid_mask:
   Example:
     >>> b = build_gold_scoring_batch(jnp.array([[5, 6, 7]]), jnp.array([[0, 1, 1]]),
     ...     jnp.ones([1, 3], bool), jnp.array([[9]]), jnp.ones([1, 1], bool), num_turns=1)
-    >>> # b.tokens = [[5, 9, 0, 0], [5, 6, 7, 9]], b.gold_start = [1, 3]
+    >>> print(b.tokens)
+    [[5 9 0 0]
+     [5 6 7 9]]
+    >>> print(b.gold_start)
+    [1 3]
   """
   tokens = jnp.asarray(tokens)
   turn_ids = jnp.asarray(turn_ids)
@@ -416,7 +440,10 @@ def gold_answer_logprobs(apply_fn: Callable, variables, tokens: jax.Array,
     >>> uniform = lambda variables, t: jnp.zeros(t.shape + (10,))     # p = 1/10 per token
     >>> g = gold_answer_logprobs(uniform, {}, jnp.array([[5, 6, 7]]), jnp.array([[0, 1, 1]]),
     ...     jnp.ones([1, 3], bool), jnp.array([[8, 9]]), jnp.ones([1, 2], bool), num_turns=1)
-    >>> # g = [[-2 log 10, -2 log 10]]: with a real model, feed g to information_gain_rewards
+    >>> import numpy as np
+    >>> print(np.asarray(g).round(4))     # [[-2 log 10, -2 log 10]]
+    [[-4.6052 -4.6052]]
+    >>> # with a real model, feed g to information_gain_rewards
   """
   batch = build_gold_scoring_batch(tokens, turn_ids, valid_mask, gold_tokens, gold_mask,
                                    num_turns=num_turns, pad_id=pad_id)
@@ -452,7 +479,9 @@ def implicit_process_rewards(logp: jax.Array, ref_logp: jax.Array, mask: jax.Arr
   Example:
     >>> lp, ref = jnp.log(jnp.array([[.5, .9]])), jnp.log(jnp.array([[.25, .1]]))
     >>> r = implicit_process_rewards(lp, ref, jnp.array([[True, False]]), beta=.1)
-    >>> # r = [[.1 * log 2, 0]]
+    >>> import numpy as np
+    >>> print(np.asarray(r).round(4))     # [[.1 * log 2, 0]]
+    [[0.0693 0.    ]]
   """
   diff = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
   return jnp.where(jnp.asarray(mask, bool), beta * diff, 0.0)

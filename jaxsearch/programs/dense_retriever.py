@@ -17,10 +17,10 @@ Data. The corpus is the embedded world, a Search-R1 JSONL corpus, or a BEIR dire
 For the files, every (query, document) judged >= 1 in the train qrels is a training pair,
 and the curves use the test qrels (nothing is selected on them).
 
-Hard negatives. `mine_hard_negatives` runs the host BM25 (`build_retriever("bm25", corpus)`)
-once before training: for every training pair, the BM25 top `hard_negative_depth` rows of its
-query after removing every document relevant to that query (in BM25's order). Each step
-draws `num_hard_negatives` of them per query.
+Hard negatives. `mine_hard_negatives` (`jaxsearch.retrieval.hard_negatives`) runs the host
+BM25 (`build_retriever("bm25", corpus)`) once before training: for every training pair, the
+BM25 top `hard_negative_depth` rows of its query after removing every document relevant to
+that query (in BM25's order). Each step draws `num_hard_negatives` of them per query.
 
 Objective. With B queries q_i, their positives d_i and the B * H hard negatives n_j, all
 embedded by one shared encoder (`jaxsearch.train.dual_encoder.make_dual_encoder_update_fn`):
@@ -58,6 +58,7 @@ A second run with the same workdir resumes from the latest checkpoint.
 Example:
   >>> summary = run(DenseRetrieverConfig(), "/tmp/dense")   # the gin experiment's recipe
   >>> summary["test_trained_recall@1"], summary["test_bm25_recall@1"]
+  >>> from jaxsearch.retrieval.trained_encoder import load_text_encoder
   >>> encode = load_text_encoder("/tmp/dense")              # texts -> [n, D]
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +77,17 @@ from absl import logging
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
+from jaxsearch.config_files import read_config
 from jaxsearch.data.wordpiece import WordPieceTokenizer
 from jaxsearch.data.world import WorldConfig, build_world
 from jaxsearch.models.encoder import BertEncoder, EncoderConfig, init_encoder_params
 from jaxsearch.retrieval import corpus as corpus_lib
 from jaxsearch.retrieval import embedding
 from jaxsearch.retrieval import metrics as retrieval_metrics
-from jaxsearch.retrieval.dense import exact_search
-from jaxsearch.retrieval.retriever import Retriever, build_retriever
+from jaxsearch.retrieval import trained_encoder
+from jaxsearch.retrieval.hard_negatives import mine_hard_negatives
+from jaxsearch.retrieval.mips import exact_search
+from jaxsearch.retrieval.retriever import build_retriever
 from jaxsearch.train.dual_encoder import (DualEncoderBatch, DualEncoderConfig, make_dual_encoder_update_fn,
                                    make_embed_fn)
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
@@ -91,10 +95,11 @@ from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
 
 ENCODERS = ("scratch", "minilm")
-CONFIG_FILE = "dense_config.json"
-ENCODER_CONFIG_FILE = "encoder_config.json"
-TOKENIZER_FILE = "tokenizer.json"
-CHECKPOINT_DIR = os.path.join("checkpoints", "dense")
+# The workdir's files, as `jaxsearch.retrieval.trained_encoder` reads them back.
+CONFIG_FILE = trained_encoder.CONFIG_FILE
+ENCODER_CONFIG_FILE = trained_encoder.ENCODER_CONFIG_FILE
+TOKENIZER_FILE = trained_encoder.TOKENIZER_FILE
+CHECKPOINT_DIR = trained_encoder.CHECKPOINT_DIR
 EMBEDDINGS_DIR = "embeddings"
 SYSTEMS = ("trained", "untrained", "bm25")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -138,11 +143,12 @@ class DenseRetrieverConfig:
   """
 
   seed: int = 0
-  corpus: str = "world"
+  # Paths (field metadata "path"): the workdir's config records them absolute.
+  corpus: str = dataclasses.field(default="world", metadata={"path": True, "names": ("world",)})
   world: WorldConfig = WorldConfig()
-  queries_path: str = ""
-  train_qrels_path: str = ""
-  test_qrels_path: str = ""
+  queries_path: str = dataclasses.field(default="", metadata={"path": True})
+  train_qrels_path: str = dataclasses.field(default="", metadata={"path": True})
+  test_qrels_path: str = dataclasses.field(default="", metadata={"path": True})
   train_split: str = "train"
   test_split: str = "test"
   encoder: str = "scratch"
@@ -355,48 +361,6 @@ def training_pairs(data: RetrievalData) -> TrainingPairs:
         exclude.append(rows)
   return TrainingPairs(tuple(qids), tuple(queries), np.asarray(positives, np.int64),
                        tuple(exclude))
-
-
-def mine_hard_negatives(retriever: Retriever, queries: Sequence[str],
-                        exclude: Sequence[Collection[int]], depth: int,
-                        batch_size: int = 1024) -> np.ndarray:
-  """The top `depth` rows of each query's ranking once its relevant rows are removed.
-
-  Args:
-    retriever: a text retriever (e.g. `build_retriever("bm25", corpus)`).
-    queries: N query texts.
-    exclude: N collections of rows never to return for that query (its positives).
-    depth: negatives per query; `depth + len(exclude[i])` must not exceed the corpus size.
-    batch_size: queries per `retriever.search` call.
-
-  Returns:
-    [N, depth] int32 corpus rows, in the retriever's order (best first).
-
-  Example:
-    >>> bm25 = build_retriever("bm25", corpus)
-    >>> negatives = mine_hard_negatives(bm25, ["who is Mira?"], [{3}], depth=2)  # [1, 2]
-  """
-  n = len(queries)
-  if len(exclude) != n:
-    raise ValueError(f"exclude must hold one collection per query ({n}), got {len(exclude)}")
-  if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-    raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-  most = max((len(e) for e in exclude), default=0)
-  if depth + most > retriever.num_docs:
-    raise ValueError(f"depth={depth} negatives + up to {most} excluded rows per query need at "
-                     f"least {depth + most} documents; the corpus has {retriever.num_docs}")
-  out = np.empty((n, depth), np.int32)
-  for start in range(0, n, batch_size):
-    chunk = list(queries[start:start + batch_size])
-    ids, _ = retriever.search(chunk, k=depth + most)
-    for i, row in enumerate(ids):
-      skip = exclude[start + i]
-      kept = [int(r) for r in row if r >= 0 and int(r) not in skip][:depth]
-      if len(kept) < depth:
-        raise ValueError(f"the retriever returned only {len(kept)} usable rows for query "
-                         f"{chunk[i]!r} (depth={depth})")
-      out[start + i] = kept
-  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -767,42 +731,6 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
 
 
 def load_config(workdir: str) -> DenseRetrieverConfig:
-  """The `DenseRetrieverConfig` a dense-retriever workdir was trained with."""
-  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
-  return read_config(workdir, CONFIG_FILE, DenseRetrieverConfig, "a dense-retriever workdir")
-
-
-def load_encoder(workdir: str, step: int | None = None
-                 ) -> tuple[EncoderConfig, PyTree, WordPieceTokenizer]:
-  """`(encoder config, trained params, query tokenizer)` of a dense-retriever workdir."""
-  import tokenizers  # noqa: PLC0415
-  from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
-  config = load_config(workdir)
-  with open(os.path.join(workdir, ENCODER_CONFIG_FILE)) as f:
-    enc_config = config_from_dict(EncoderConfig, json.load(f))
-  tok = WordPieceTokenizer(tokenizers.Tokenizer.from_file(os.path.join(workdir, TOKENIZER_FILE)),
-                           max_length=max(config.query_max_length, config.doc_max_length))
-  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no dense-retriever checkpoint in {workdir}")
-  params = jax.eval_shape(lambda: init_encoder_params(enc_config, jax.random.key(0)))
-  tx = make_optimizer(config.optimizer, config.steps)
-  target = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-            "step": jax.ShapeDtypeStruct([], jnp.int32)}
-  tree, _ = ckpt.restore(step, target)
-  ckpt.close()
-  return enc_config, tree["params"], tok
-
-
-def load_text_encoder(workdir: str, *, batch_size: int = 64, step: int | None = None):
-  """The trained encoder as texts -> [n, D] float32 (`jaxsearch.retrieval.dense`'s
-  `TextEncoder`), for `build_retriever("exact", corpus, encoder=...)`.
-
-  Example:
-    >>> encode = load_text_encoder("runs/dense")
-    >>> retriever = build_retriever("exact", corpus, encoder=encode)
-  """
-  from jaxsearch.retrieval.dense import make_text_encoder  # noqa: PLC0415
-  enc_config, params, tok = load_encoder(workdir, step)
-  return make_text_encoder(enc_config, params, tok, batch_size=batch_size)
+  """The `DenseRetrieverConfig` a dense-retriever workdir was trained with (its encoder:
+  `jaxsearch.retrieval.trained_encoder.load_encoder` / `load_text_encoder`)."""
+  return read_config(workdir, CONFIG_FILE, DenseRetrieverConfig, trained_encoder.WHAT)

@@ -94,16 +94,21 @@ from absl import logging
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
+from jaxsearch.config_files import read_config
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import QUESTION_TEMPLATES, WorldConfig, build_world
 from jaxsearch.generative import doc2query
 from jaxsearch.generative import docids as docids_lib
 from jaxsearch.generative import dsi
+from jaxsearch.generative import workdir as workdir_lib
 from jaxsearch.generative.trie import build_trie, trie_depth
+from jaxsearch.generative.workdir import load_docids, save_docids
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.retrieval import corpus as corpus_lib
 from jaxsearch.retrieval import embedding
 from jaxsearch.retrieval import metrics as retrieval_metrics
+from jaxsearch.retrieval import trained_encoder
+from jaxsearch.retrieval.hard_negatives import mine_hard_negatives
 from jaxsearch.retrieval.retriever import build_retriever
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
@@ -115,10 +120,11 @@ EMBEDDINGS = ("minilm", "dense")
 PSEUDO_QUERIES = ("none", "templates", "generated")
 BASELINES = ("bm25", "minilm")
 SPLIT_NAMES = {"seen": "train", "validation": "validation", "unseen": "test"}
-CONFIG_FILE = "dsi_config.json"
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.model"
-DOCIDS_FILE = "docids.npz"
+# The workdir's files, as `jaxsearch.generative.workdir` reads them back.
+CONFIG_FILE = workdir_lib.CONFIG_FILE
+MODEL_CONFIG_FILE = workdir_lib.MODEL_CONFIG_FILE
+TOKENIZER_FILE = workdir_lib.TOKENIZER_FILE
+DOCIDS_FILE = workdir_lib.DOCIDS_FILE
 PSEUDO_FILE = "pseudo_queries.json"
 EMBEDDINGS_DIR = "embeddings"
 PHASES = ("qgen", "dsi", "ddro")
@@ -187,7 +193,7 @@ class DSIConfig:
   seed: int = 0
   corpus: str = "world"
   world: WorldConfig = WorldConfig()
-  wordnet_path: str = ""
+  wordnet_path: str = dataclasses.field(default="", metadata={"path": True})
   max_docs: int = 0
   docid: str = "atomic"
   naive_base: int = 10
@@ -196,8 +202,8 @@ class DSIConfig:
   rq_levels: int = 3
   rq_codebook_size: int = 256
   embeddings: str = "minilm"
-  dense_workdir: str = ""
-  embedding_cache_dir: str = ""
+  dense_workdir: str = dataclasses.field(default="", metadata={"path": True})
+  embedding_cache_dir: str = dataclasses.field(default="", metadata={"path": True})
   tokenizer_vocab_size: int = 1024
   model: TransformerConfig = _small_lm()
   max_input_tokens: int = 32
@@ -430,19 +436,17 @@ def text_embeddings(config: DSIConfig, workdir: str, texts: Sequence[str], what:
   """[len(texts), D] embeddings of `texts` by the configured encoder (MiniLM or the dense
   workdir's), cached under the embedding cache directory."""
   if config.embeddings == "dense":
-    from jaxsearch.programs.dense_retriever import load_text_encoder  # noqa: PLC0415
-    from jaxsearch.checkpoint import Checkpointer as _C  # noqa: PLC0415
-    ckpt = _C(os.path.join(config.dense_workdir, "checkpoints", "dense"))
+    ckpt = Checkpointer(os.path.join(config.dense_workdir, trained_encoder.CHECKPOINT_DIR))
     step = ckpt.latest_step()
     ckpt.close()
     encoder_key = {"encoder": "dense", "workdir": os.path.abspath(config.dense_workdir),
                    "step": step}
-    make = lambda: load_text_encoder(config.dense_workdir)  # noqa: E731
+    make = lambda: trained_encoder.load_text_encoder(config.dense_workdir)  # noqa: E731
   else:
     encoder_key = {"encoder": "all-MiniLM-L6-v2", "max_length": 256}
 
     def make():
-      from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+      from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
       return minilm_text_encoder(batch_size=64)
   key = {"texts": embedding.text_fingerprint(list(texts)), "what": what, **encoder_key}
   return embedding.cached_corpus_embeddings(_embedding_dir(config, workdir), key,
@@ -466,21 +470,6 @@ def build_docids(config: DSIConfig, data: DSIData,
                                       seed=config.seed)
   return docids_lib.rq_docids(emb, levels=config.rq_levels,
                               codebook_size=config.rq_codebook_size, seed=config.seed)
-
-
-def _save_docids(path: str, docids: docids_lib.DocIds, doc_ids: Sequence[str]) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, codes=docids.codes, lengths=docids.lengths, num_codes=docids.num_codes,
-           kind=docids.kind, doc_ids=np.array(doc_ids))
-  os.replace(tmp, path)
-
-
-def load_docids(workdir: str) -> tuple[docids_lib.DocIds, list[str]]:
-  """`(docids, doc ids)` saved in a DSI workdir."""
-  with np.load(os.path.join(workdir, DOCIDS_FILE), allow_pickle=False) as f:
-    return (docids_lib.DocIds(codes=f["codes"], lengths=f["lengths"],
-                              num_codes=int(f["num_codes"]), kind=str(f["kind"])),
-            f["doc_ids"].tolist())
 
 
 # ----------------------------------------------------------------------------------------
@@ -582,7 +571,7 @@ def _pseudo_queries(config: DSIConfig, workdir: str, data: DSIData, tokenizer, w
   model = Transformer(dataclasses.replace(config.qgen_model, vocab_size=tokenizer.vocab_size))
   state = _new_state(model, config.qgen_optimizer, config.qgen_steps,
                      jax.random.key(config.seed + 101))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "qgen"))
+  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "qgen"))
   state, meta = _restore(ckpt, state, "the query generator")
   update = jax.jit(doc2query.make_qgen_update_fn(model), donate_argnums=0)
   stage = _Stage("qgen", config, writer, ckpt, config.qgen_steps, ("loss", "token_accuracy"),
@@ -762,7 +751,7 @@ def run(config: DSIConfig, workdir: str, *,
   else:
     docids = build_docids(config, data, doc_embeddings)
     if jax.process_index() == 0:
-      _save_docids(docids_path, docids, corpus.ids)
+      save_docids(docids_path, docids, corpus.ids)
   docid_seconds = time.time() - t0
   layout = dsi.DSILayout(code_offset=tokenizer.vocab_size, num_codes=int(docids.num_codes),
                          sep_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
@@ -832,7 +821,7 @@ def run(config: DSIConfig, workdir: str, *,
   rng = jax.random.key(config.seed)
   state = _new_state(model, config.optimizer, config.steps, rng)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "dsi"))
+  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "dsi"))
   state, meta = _restore(ckpt, state, "DSI")
   update = jax.jit(dsi.make_dsi_update_fn(model, layout), donate_argnums=0)
   stage = _Stage("dsi", config, writer, ckpt, config.steps,
@@ -870,7 +859,6 @@ def run(config: DSIConfig, workdir: str, *,
   final_system, dsi_params = "dsi", state.params
   bm25 = None
   if config.ddro_steps:
-    from jaxsearch.programs.dense_retriever import mine_hard_negatives  # noqa: PLC0415
     bm25 = build_retriever("bm25", corpus)
     exclude = [frozenset(corpus.row(d) for d in seen.qrels[q]) for q in seen.queries]
     depth_neg = min(config.hard_negative_depth,
@@ -879,7 +867,7 @@ def run(config: DSIConfig, workdir: str, *,
     ref_params = dsi_params
     dstate = _new_state(model, config.ddro_optimizer, config.ddro_steps,
                         jax.random.key(config.seed + 3), params=ref_params)
-    dckpt = Checkpointer(os.path.join(workdir, "checkpoints", "ddro"))
+    dckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "ddro"))
     dstate, dmeta = _restore(dckpt, dstate, "DDRO")
     dupdate = jax.jit(dsi.make_ddro_update_fn(model, layout, beta=float(config.ddro_beta),
                                               nll_coef=float(config.ddro_nll_coef)),
@@ -1019,7 +1007,7 @@ def _compute_baselines(config: DSIConfig, workdir: str, data: DSIData,
       out["latency_ms_bm25"] = _median_ms(lambda i: bm25.search([texts[i % len(texts)]], k=k),
                                           config.latency_queries)
   if "minilm" in config.baselines:
-    from jaxsearch.retrieval.dense import ExactDenseRetriever  # noqa: PLC0415
+    from jaxsearch.retrieval.mips import ExactDenseRetriever  # noqa: PLC0415
     minilm = dataclasses.replace(config, embeddings="minilm")
     docs = text_embeddings(minilm, workdir, corpus.contents, "documents")
     retriever = ExactDenseRetriever(docs)
@@ -1030,7 +1018,7 @@ def _compute_baselines(config: DSIConfig, workdir: str, data: DSIData,
                          config.measures).items():
         out[f"{name}_minilm_{m}"] = v
     if config.latency_queries:
-      from jaxsearch.retrieval.dense import minilm_text_encoder  # noqa: PLC0415
+      from jaxsearch.retrieval.text_encoder import minilm_text_encoder  # noqa: PLC0415
       encode = minilm_text_encoder(batch_size=1)
       texts = splits["unseen"][1]
       out["latency_ms_minilm"] = _median_ms(
@@ -1045,42 +1033,6 @@ def _compute_baselines(config: DSIConfig, workdir: str, data: DSIData,
 
 
 def load_config(workdir: str) -> DSIConfig:
-  """The `DSIConfig` a DSI workdir was trained with."""
-  from jaxsearch.train.config_files import read_config  # noqa: PLC0415
-  return read_config(workdir, CONFIG_FILE, DSIConfig, "a DSI workdir")
-
-
-def load_model(workdir: str, phase: str | None = None
-               ) -> tuple[Transformer, PyTree, SentencePieceTokenizer, docids_lib.DocIds,
-                          dsi.DSILayout]:
-  """`(model, params, tokenizer, docids, layout)` of a DSI workdir: the DDRO stage's latest
-  parameters if it ran, else the DSI stage's (or the `phase` named: "dsi" / "ddro").
-
-  Example:
-    >>> model, params, tok, ids, layout = load_model("runs/dsi_world")
-    >>> prompts, mask = dsi.prompt_batch([tok.encode("Who is Mira?")], layout,
-    ...                                  max_input_tokens=32)
-  """
-  from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
-  config = load_config(workdir)
-  tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
-  docids, _ = load_docids(workdir)
-  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
-    model_config = config_from_dict(TransformerConfig, json.load(f))
-  model = Transformer(model_config)
-  layout = dsi.DSILayout(code_offset=tokenizer.vocab_size, num_codes=int(docids.num_codes),
-                         sep_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-  phases = [phase] if phase else ["ddro", "dsi"]
-  for name in phases:
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", name))
-    step = ckpt.latest_step()
-    if step is None:
-      ckpt.close()
-      continue
-    opt = config.ddro_optimizer if name == "ddro" else config.optimizer
-    steps = config.ddro_steps if name == "ddro" else config.steps
-    abstract = jax.eval_shape(lambda: _new_state(model, opt, steps, jax.random.key(0)))
-    tree, _ = ckpt.restore(step, _checkpointed(abstract))
-    ckpt.close()
-    return model, tree["params"], tokenizer, docids, layout
-  raise FileNotFoundError(f"no {' or '.join(phases)} checkpoint in {workdir}")
+  """The `DSIConfig` a DSI workdir was trained with (its model, tokenizer and docIDs:
+  `jaxsearch.generative.workdir.load_model` / `load_docids`)."""
+  return read_config(workdir, CONFIG_FILE, DSIConfig, workdir_lib.WHAT)

@@ -15,8 +15,8 @@ Models (all tiny, from scratch):
 One training step (REALM's `model_fn`):
   1. retrieve the top-k documents of each question from a STALE index: the document
      embeddings computed with E_d at the last refresh, searched with the live query
-     embedding (exact MIPS with `jaxsearch.retrieval.dense.exact_search`, or ScaNN with
-     `ScannIndex` when `index="scann"`);
+     embedding (`jaxsearch.retrieval.stale_index.StaleIndex`: exact MIPS with
+     `jaxsearch.retrieval.mips.exact_search`, or ScaNN with `ScannIndex` when `index="scann"`);
   2. re-score those k documents with the LIVE encoders, `s(x, z) = <E_q(x), E_d(z)> / T`, so
      gradients reach E_q (and E_d when `train_doc_encoder`) although the index is stale;
   3. loss = `losses.marginal_nll(s, log p(y|x, z))`: -log sum_z p(z|x) p(y|x, z).
@@ -90,18 +90,18 @@ from absl import logging
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
+from jaxsearch.data.questions import unique_questions
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import SPLITS, Question, World, WorldConfig, build_world
 from jaxsearch.losses.contrastive import info_nce_loss
 from jaxsearch.losses.marginal import marginal_nll
 from jaxsearch.models.encoder import BertEncoder, EncoderConfig, init_encoder_params
 from jaxsearch.models.transformer import Transformer, TransformerConfig
-from jaxsearch.retrieval.dense import exact_search
-from jaxsearch.retrieval.scann_index import ScannConfig, ScannIndex
+from jaxsearch.retrieval.scann_index import ScannConfig
+from jaxsearch.retrieval.stale_index import StaleIndex
 from jaxsearch.rewards.qa import exact_match
 from jaxsearch.train.dual_encoder import make_embed_fn
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
-from jaxsearch.programs.reward_model import unique_questions
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
 
@@ -627,60 +627,6 @@ def ict_warmup(config: RealmConfig, params: PyTree, embed_fn, corpus: Corpus,
     loss, acc = float(loss), float(acc)
     print(f"[realm ict {config.ict_steps}] loss={loss:.4g} accuracy={acc:.3f}", flush=True)
   return {**params, **retriever}, {"ict_loss": loss, "ict_accuracy": acc}
-
-
-# ---------------------------------------------------------------------------------- index
-
-
-class StaleIndex:
-  """The document embeddings of the last refresh, searched exactly (on device) or by ScaNN.
-
-  The rows may be split into `segments` (one per world): a search then looks at one segment
-  only and returns rows of the whole array.
-
-  Attributes:
-    embeddings: [N, D] float32 numpy, the corpus as embedded at step `refreshed_at`.
-    refreshed_at: the step of the last refresh.
-    segments: ((start, end), ...) row ranges (default: one segment, every row).
-  """
-
-  def __init__(self, kind: str, scann_config: ScannConfig, embeddings: np.ndarray,
-               refreshed_at: int, segments: Sequence[tuple[int, int]] | None = None):
-    self.kind = kind
-    self.scann_config = scann_config
-    n = np.asarray(embeddings).shape[0]
-    self.segments = tuple((int(a), int(b)) for a, b in (segments or [(0, n)]))
-    if any(not 0 <= a < b <= n for a, b in self.segments):
-      raise ValueError(f"StaleIndex segments {self.segments} must be non-empty ranges of the "
-                       f"{n} rows")
-    self._exact = jax.jit(exact_search, static_argnames="k")
-    self._scann = None
-    self.refresh(embeddings, refreshed_at)
-
-  def refresh(self, embeddings: np.ndarray, step: int) -> None:
-    """Replaces every document vector (ScaNN: an upsert of all ids, no retraining)."""
-    self.embeddings = np.asarray(embeddings, np.float32)
-    self.refreshed_at = int(step)
-    parts = [self.embeddings[a:b] for a, b in self.segments]
-    self._device = [jnp.asarray(x) for x in parts]
-    if self.kind != "scann":
-      return
-    if self._scann is None:
-      self._scann = [ScannIndex.build(x, self.scann_config) for x in parts]
-    else:
-      for index, x in zip(self._scann, parts):
-        index.add(x, ids=np.arange(x.shape[0]))
-
-  def search(self, queries: np.ndarray | jax.Array, k: int, segment: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [Q, k] int32 rows of `embeddings`, scores [Q, k] float32) of live query vectors
-    [Q, D] among the rows of `segments[segment]`."""
-    start = self.segments[segment][0]
-    if self._scann is not None:
-      ids, scores = self._scann[segment].search(np.asarray(queries, np.float32), k)
-    else:
-      ids, scores = self._exact(jnp.asarray(queries), self._device[segment], k=k)
-    return np.asarray(ids) + start, np.asarray(scores)
 
 
 # ------------------------------------------------------------------------------------ run

@@ -63,6 +63,7 @@ from flax import linen as nn
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
 from jaxsearch.data import demos
+from jaxsearch.data.questions import unique_questions
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import SPLITS, Question, World, WorldConfig
 from jaxsearch.losses.preference import bradley_terry_loss
@@ -148,7 +149,7 @@ class RewardModelConfig:
   eval_batch_size: int = 64
   checkpoint_every: int = 500
   extra_train_worlds: int = 3
-  init_from: str = ""
+  init_from: str = dataclasses.field(default="", metadata={"path": True})
   init_phase: str = "sft"
   mesh: sharding.MeshConfig = sharding.MeshConfig()
 
@@ -208,16 +209,6 @@ class PreferenceBatch(NamedTuple):
   rejected: jax.Array           # [B, T] int32
   rejected_lengths: jax.Array   # [B] int32
   chosen_agent_mask: jax.Array  # [B, T] bool, the chosen episodes' agent tokens
-
-
-def unique_questions(questions: Sequence[Question]) -> list[Question]:
-  """The questions with repeated question texts dropped (splits sample with repetition)."""
-  seen, out = set(), []
-  for q in questions:
-    if q.question not in seen:
-      seen.add(q.question)
-      out.append(q)
-  return out
 
 
 def _applicable(q: Question, kinds: Sequence[str]) -> list[str]:

@@ -11,7 +11,7 @@ corpus size. What a query is depends on the backend:
                `jaxsearch.retrieval.bm25` (the same function the in-graph search tool calls);
                built from a `BM25Retriever` it uses bm25s's tokenization and gives the same
                scores (float32 rounding apart).
-  "exact"      `jaxsearch.retrieval.dense.ExactDenseRetriever`: [Q, D] vectors, or texts
+  "exact"      `jaxsearch.retrieval.mips.ExactDenseRetriever`: [Q, D] vectors, or texts
                with a query encoder; `q @ D.T` + top-k on the accelerator, optionally
                sharded over a mesh.
   "scann"      `jaxsearch.retrieval.scann_index.ScannIndex`: like "exact", on the host.
@@ -37,6 +37,7 @@ import numpy as np
 from jaxsearch.registry import Registry
 from jaxsearch.retrieval import bm25 as bm25_lib
 from jaxsearch.retrieval.corpus import Corpus
+from jaxsearch.retrieval.results import check_k, pad_results, top_k_rows  # noqa: F401  (re-exported)
 
 
 @runtime_checkable
@@ -69,65 +70,6 @@ def build_retriever(name: str, corpus: Corpus, **kwargs: Any) -> Retriever:
   if not isinstance(corpus, Corpus):
     raise ValueError(f"corpus must be a Corpus, got {type(corpus).__name__}")
   return RETRIEVERS.get(name)(corpus, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------
-# Shared helpers
-# ----------------------------------------------------------------------------------------
-
-
-def check_k(k: object) -> int:
-  """Validates `k` (an int >= 1) and returns it as int."""
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be an int >= 1, got {k!r}")
-  return int(k)
-
-
-def pad_results(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pads [Q, k'] results (k' <= k) to [Q, k] with id -1 and score -inf.
-
-  Example:
-    >>> pad_results(np.array([[3]]), np.array([[0.5]]), 2)[0]
-    array([[ 3, -1]], dtype=int32)
-  """
-  ids = np.asarray(ids, np.int32)
-  scores = np.asarray(scores, np.float32)
-  if ids.ndim != 2 or ids.shape != scores.shape or ids.shape[1] > k:
-    raise ValueError(f"ids and scores must both be [Q, <= {k}], got {ids.shape} and "
-                     f"{scores.shape}")
-  missing = k - ids.shape[1]
-  if missing:
-    ids = np.concatenate([ids, np.full((ids.shape[0], missing), -1, np.int32)], axis=1)
-    scores = np.concatenate(
-        [scores, np.full((scores.shape[0], missing), -np.inf, np.float32)], axis=1)
-  return ids, scores
-
-
-def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Host top-k of each row of `scores` [Q, N], ties toward the lower column (as lax.top_k).
-
-  Returns:
-    (ids [Q, min(k, N)] int32, scores [Q, min(k, N)] float32), best first.
-
-  Example:
-    >>> top_k_rows(np.array([[1.0, 3.0, 3.0, 2.0]]), 2)[0]
-    array([[1, 2]], dtype=int32)
-  """
-  scores = np.asarray(scores)
-  if scores.ndim != 2:
-    raise ValueError(f"scores must be [Q, N], got shape {scores.shape}")
-  num_queries, n = scores.shape
-  kk = min(check_k(k), n)
-  ids = np.empty((num_queries, kk), np.int32)
-  for q in range(num_queries):
-    row = scores[q]
-    if kk < n:
-      kth = row[np.argpartition(-row, kk - 1)[kk - 1]]
-      cand = np.flatnonzero(row >= kth)          # every tie at the k-th value included
-    else:
-      cand = np.arange(n)
-    ids[q] = cand[np.lexsort((cand, -row[cand]))[:kk]]
-  return ids, np.take_along_axis(scores, ids, axis=1).astype(np.float32)
 
 
 def _check_texts(queries: Any) -> list[str]:
@@ -337,7 +279,7 @@ def _jax_bm25_search(index, tokens, mask, vocab_size, ignore_ids, k):
 
 
 # ----------------------------------------------------------------------------------------
-# Registry entries (dense backends are imported lazily: no import cycle, no ScaNN import)
+# Registry entries (dense backends are imported lazily: no ScaNN or encoder import up front)
 # ----------------------------------------------------------------------------------------
 
 
@@ -357,7 +299,7 @@ def _build_bm25_jax(corpus: Corpus, *, config: bm25_lib.BM25Config = bm25_lib.BM
 
 @RETRIEVERS.register("exact")
 def _build_exact(corpus: Corpus, **kwargs: Any) -> Retriever:
-  from jaxsearch.retrieval.dense import ExactDenseRetriever  # noqa: PLC0415
+  from jaxsearch.retrieval.mips import ExactDenseRetriever  # noqa: PLC0415
   return ExactDenseRetriever.from_corpus(corpus, **kwargs)
 
 

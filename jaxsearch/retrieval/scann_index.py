@@ -58,8 +58,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from jaxsearch.retrieval.corpus import Corpus
-from jaxsearch.retrieval.dense import TextEncoder, _corpus_embeddings, as_query_vectors
-from jaxsearch.retrieval.retriever import check_k, pad_results
+from jaxsearch.retrieval.results import check_k, pad_results
+from jaxsearch.retrieval.text_encoder import TextEncoder, as_query_vectors, corpus_embeddings
 
 _IMPORT_LOCK = threading.Lock()
 _META_FILE = "jaxsearch_scann.json"
@@ -263,7 +263,7 @@ class ScannIndex:
                   config: ScannConfig = ScannConfig()) -> ScannIndex:
     """Indexes `corpus` (ids = rows): embeds `corpus.contents` with `encoder`, or takes
     `embeddings` [len(corpus), D]; queries use `query_encoder` (default: `encoder`)."""
-    embeddings = _corpus_embeddings(corpus, encoder, embeddings)
+    embeddings = corpus_embeddings(corpus, encoder, embeddings)
     return cls.build(embeddings, config, query_encoder=query_encoder or encoder)
 
   def save(self, directory: str | os.PathLike) -> None:

@@ -12,15 +12,15 @@ A workdir written by `experiments.run` holds, among others,
 resumed run logged again appears once, with the later values); `curves` gives one metric
 against the step (a step logged twice keeps its last value); `final_value` gives one number
 per run, looked up in the summary, then as the last point of the curve, then as a dotted
-path of the config (`"rl.grpo.advantage"`); `summary_table` lays those out as plain text.
+path of the config (`"rl.algorithm.advantage"`); `summary_table` lays those out as plain text.
 
 Example:
   >>> runs = load_runs(["runs/compare/runs/grpo/seed0", "runs/compare/runs/ppo/seed0"])
   >>> [r.name for r in runs]
   ['grpo/seed0', 'ppo/seed0']
   >>> steps, em = curves(runs[0], "rl/em")                    # [n] int64, [n] float64
-  >>> print(summary_table(runs, ["rl_em", "rl/kl", "rl.grpo.advantage"]))
-  run         rl_em  rl/kl  rl.grpo.advantage
+  >>> print(summary_table(runs, ["rl_em", "rl/kl", "rl.algorithm.advantage"]))
+  run         rl_em  rl/kl  rl.algorithm.advantage
   ----------  -----  -----  -----------------
   grpo/seed0  0.615  0.084               grpo
   ppo/seed0   0.575  0.106                gae
@@ -190,9 +190,15 @@ def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndar
   return (csum[i] - csum[lo]) / (i - lo)
 
 
+# Config fields renamed since older workdirs were written: today's name -> the old one.
+_RENAMED_CONFIG_KEYS = {"algorithm": "grpo"}
+
+
 def _config_value(config: dict[str, Any], dotted: str) -> Any:
   node: Any = config
   for part in dotted.split("."):
+    if isinstance(node, dict) and part not in node and _RENAMED_CONFIG_KEYS.get(part) in node:
+      part = _RENAMED_CONFIG_KEYS[part]   # a run written before the rename
     if not isinstance(node, dict) or part not in node:
       return None
     node = node[part]
@@ -236,7 +242,7 @@ def summary_table(runs: Sequence[RunResult], keys: Sequence[str], *, digits: int
   Args:
     runs: from `load_runs`.
     keys: summary keys ("rl_em"), metric names ("rl/kl", last value) or config paths
-      ("rl.grpo.advantage").
+      ("rl.algorithm.advantage").
     digits: decimals of floats.
 
   Returns:

@@ -300,7 +300,7 @@ def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any,
     The jitted function (`.lower(...)` works on `jax.ShapeDtypeStruct`s, see `compile_report`).
 
   Example:
-    >>> update = jit_sharded(make_policy_update_fn(apply_fn, GRPOConfig()),
+    >>> update = jit_sharded(make_policy_update_fn(apply_fn, PolicyGradientConfig()),
     ...                      (state_sh, batch_sharding(mesh)),
     ...                      state_and_metrics_shardings(state_sh, mesh), donate_argnums=0)
   """

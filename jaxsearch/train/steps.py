@@ -1,7 +1,8 @@
 """Pure update steps: supervised warm start, policy-gradient RL (GRPO family and PPO), critic.
 
 Every RL algorithm is one objective over the policy's tokens (`mask`), selected by
-`GRPOConfig` (the name is kept for existing gin files; it configures every algorithm):
+`PolicyGradientConfig` (it configures every algorithm; `GRPOConfig` is its old,
+deprecated name):
 
   loss = policy_loss(logp, old_logp, A, mask)           clipped surrogate (clip low / high,
                                                         dual clip, token or sequence ratio)
@@ -28,7 +29,7 @@ pre-update log-probs of the rollout's tokens). On-policy with one update per bat
 equal, so the penalty and its gradient are 0: it needs `updates_per_batch >= 2`.
 
 Example:
-  >>> config = GRPOConfig(advantage="rloo", kl_coef=0.0, entropy_coef=1e-3)
+  >>> config = PolicyGradientConfig(advantage="rloo", kl_coef=0.0, entropy_coef=1e-3)
   >>> adv = outcome_advantages(config, rewards, group_ids, num_searches)        # [N]
   >>> update = jax.jit(make_policy_update_fn(apply_fn, config), donate_argnums=0)
   >>> state, metrics = update(state, PolicyGradientBatch(tokens, mask, adv, None, None))
@@ -39,10 +40,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+import inspect
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
@@ -61,12 +65,12 @@ LLDS_PRESERVE = ("all", "nonnegative")
 
 
 def advantage_names() -> tuple[str, ...]:
-  """Every accepted `GRPOConfig.advantage`: the outcome estimators and "gae"."""
+  """Every accepted `PolicyGradientConfig.advantage`: the outcome estimators and "gae"."""
   return (*losses.ADVANTAGES.names(), GAE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPOConfig:
+class PolicyGradientConfig:
   """The policy-gradient update of every RL algorithm (GRPO, Dr. GRPO, RLOO, REINFORCE++,
   Stratified GRPO, PPO with `advantage="gae"`, GSPO, + LLDS).
 
@@ -75,12 +79,10 @@ class GRPOConfig:
     num_generations: G, episodes sampled per question (N = B * G rows).
     advantage: the advantage estimator: a name of `losses.ADVANTAGES` ("grpo", "drgrpo",
       "rloo", "reinforce_pp", "stratified") or "gae" (PPO; needs `RLConfig.critic`).
-    advantage_scale: "group" (GRPO), "batch", or "none" (Dr. GRPO): the std that "grpo"
-      divides by, and the scale of the global term of "stratified".
-    stratified_blend: "stratified" only: weight of the within-stratum term (1: pure SAN,
-      0: GRPO). Strata are the episodes' numbers of search calls.
-    reinforce_pp_baseline: "reinforce_pp" only: "none" (REINFORCE++) or "group"
-      (REINFORCE++-baseline: the group mean is subtracted before whitening).
+    advantage_options: keyword options of that estimator, checked against its signature,
+      e.g. {"scale": "none"} for "grpo" (Dr. GRPO's unscaled advantages), {"baseline":
+      "group"} for "reinforce_pp", {"blend": 0.5, "global_scale": "group"} for "stratified"
+      (strata are the episodes' numbers of search calls). {} keeps the estimator's defaults.
     clip_eps: lower clip range, the ratio is kept >= 1 - clip_eps.
     clip_eps_high: upper clip range (ratio <= 1 + clip_eps_high); None means clip_eps
       (DAPO's clip-higher sets it larger).
@@ -97,14 +99,17 @@ class GRPOConfig:
     llds_preserve: the episodes LLDS protects: "all", or "nonnegative" (those whose advantage,
       the mean over its policy tokens for GAE, is >= 0: the LLDS authors' preserving set).
     updates_per_batch: optimizer steps on each rollout batch (1 is exactly on-policy).
+    policy_loss: the clipped surrogate, a name of `losses.POLICY_LOSSES` ("ppo"; "gspo" is
+      "ppo" with ratio_level="sequence" and its own defaults).
+    micro_batch_size: rows per micro-batch of the update (0: the whole batch at once); the
+      gradients of the micro-batches are accumulated into exactly the full-batch gradient
+      (`accumulate_gradients`), so only the memory changes.
   """
 
   prompts_per_step: int = 8
   num_generations: int = 8
   advantage: str = "grpo"
-  advantage_scale: str = "group"
-  stratified_blend: float = 0.5
-  reinforce_pp_baseline: str = "none"
+  advantage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   clip_eps: float = 0.2
   clip_eps_high: float | None = None
   dual_clip: float | None = None
@@ -117,52 +122,69 @@ class GRPOConfig:
   llds_coef: float = 0.0
   llds_preserve: str = "all"
   updates_per_batch: int = 1
+  policy_loss: str = "ppo"
+  micro_batch_size: int = 0
 
   def __post_init__(self):
     if self.num_generations < 2:
-      raise ValueError(f"GRPOConfig.num_generations must be >= 2, got {self.num_generations}")
+      raise ValueError(f"PolicyGradientConfig.num_generations must be >= 2, got {self.num_generations}")
     for name in ("prompts_per_step", "updates_per_batch"):
       if getattr(self, name) < 1:
-        raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        raise ValueError(f"PolicyGradientConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.advantage not in advantage_names():
-      raise ValueError(f"GRPOConfig.advantage must be one of {advantage_names()}, got "
+      raise ValueError(f"PolicyGradientConfig.advantage must be one of {advantage_names()}, got "
                        f"{self.advantage!r}")
     if self.kl_kind not in KL_KINDS:
-      raise ValueError(f"GRPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
+      raise ValueError(f"PolicyGradientConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
     if self.agg not in AGG_MODES:
-      raise ValueError(f"GRPOConfig.agg must be one of {AGG_MODES}, got {self.agg!r}")
+      raise ValueError(f"PolicyGradientConfig.agg must be one of {AGG_MODES}, got {self.agg!r}")
     if self.ratio_level not in RATIO_LEVELS:
-      raise ValueError(f"GRPOConfig.ratio_level must be one of {RATIO_LEVELS}, got "
+      raise ValueError(f"PolicyGradientConfig.ratio_level must be one of {RATIO_LEVELS}, got "
                        f"{self.ratio_level!r}")
-    if self.advantage_scale not in ("group", "batch", "none"):
-      raise ValueError("GRPOConfig.advantage_scale must be 'group', 'batch' or 'none', got "
-                       f"{self.advantage_scale!r}")
-    if self.reinforce_pp_baseline not in ("none", "group"):
-      raise ValueError("GRPOConfig.reinforce_pp_baseline must be 'none' or 'group', got "
-                       f"{self.reinforce_pp_baseline!r}")
-    if not 0.0 <= self.stratified_blend <= 1.0:
-      raise ValueError(f"GRPOConfig.stratified_blend must be in [0, 1], got "
-                       f"{self.stratified_blend!r}")
+    if self.advantage != GAE:
+      check_options(losses.ADVANTAGES, self.advantage, self.advantage_options,
+                    "PolicyGradientConfig.advantage_options")
+    elif self.advantage_options:
+      raise ValueError("PolicyGradientConfig.advantage_options must be {} with advantage='gae' "
+                       f"(the critic's options are CriticConfig's), got {self.advantage_options!r}")
+    losses.POLICY_LOSSES.get(self.policy_loss)   # LookupError naming the known losses
+    if self.micro_batch_size < 0:
+      raise ValueError(f"PolicyGradientConfig.micro_batch_size must be >= 0, got "
+                       f"{self.micro_batch_size}")
+    if self.micro_batch_size and self.rows % self.micro_batch_size:
+      raise ValueError(f"PolicyGradientConfig.micro_batch_size ({self.micro_batch_size}) must "
+                       f"divide the batch's rows prompts_per_step * num_generations = {self.rows}")
     if not self.clip_eps > 0:
-      raise ValueError(f"GRPOConfig.clip_eps must be > 0, got {self.clip_eps!r}")
+      raise ValueError(f"PolicyGradientConfig.clip_eps must be > 0, got {self.clip_eps!r}")
     if self.clip_eps_high is not None and not self.clip_eps_high > 0:
-      raise ValueError(f"GRPOConfig.clip_eps_high must be None or > 0, got "
+      raise ValueError(f"PolicyGradientConfig.clip_eps_high must be None or > 0, got "
                        f"{self.clip_eps_high!r}")
     if self.dual_clip is not None and not self.dual_clip > 1:
-      raise ValueError(f"GRPOConfig.dual_clip must be None or > 1, got {self.dual_clip!r}")
+      raise ValueError(f"PolicyGradientConfig.dual_clip must be None or > 1, got {self.dual_clip!r}")
     if self.norm_length < 0:
-      raise ValueError(f"GRPOConfig.norm_length must be >= 0, got {self.norm_length}")
+      raise ValueError(f"PolicyGradientConfig.norm_length must be >= 0, got {self.norm_length}")
     for name in ("kl_coef", "entropy_coef", "llds_coef"):
       if not getattr(self, name) >= 0:
-        raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        raise ValueError(f"PolicyGradientConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     if self.llds_preserve not in LLDS_PRESERVE:
-      raise ValueError(f"GRPOConfig.llds_preserve must be one of {LLDS_PRESERVE}, got "
+      raise ValueError(f"PolicyGradientConfig.llds_preserve must be one of {LLDS_PRESERVE}, got "
                        f"{self.llds_preserve!r}")
     if self.llds_coef > 0 and self.updates_per_batch < 2:
       raise ValueError(
-          f"GRPOConfig.llds_coef={self.llds_coef} needs updates_per_batch >= 2, got "
+          f"PolicyGradientConfig.llds_coef={self.llds_coef} needs updates_per_batch >= 2, got "
           f"{self.updates_per_batch}: with one on-policy update the policy equals the behaviour "
           "policy and the LLDS penalty is identically 0")
+
+  @staticmethod
+  def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (`run_config.json`) from before the rename, in today's fields."""
+    data = dict(data)
+    legacy = {k: data.pop(k) for k in LEGACY_ADVANTAGE_FIELDS if k in data}
+    if legacy:
+      data["advantage_options"] = {**legacy_advantage_options(data.get("advantage", "grpo"),
+                                                              **legacy),
+                                   **data.get("advantage_options", {})}
+    return data
 
   @property
   def rows(self) -> int:
@@ -178,11 +200,64 @@ class GRPOConfig:
     return self.updates_per_batch > 1
 
 
+def check_options(registry, name: str, options: Mapping[str, Any], what: str) -> None:
+  """Raises ValueError unless every key of `options` is a keyword-only parameter of the
+  registry entry `name` (a LookupError names the known entries)."""
+  fn = registry.get(name)
+  accepted = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ValueError(f"{what}: {registry.kind} {name!r} has no options {unknown}; it accepts "
+                     f"{accepted}")
+  # The values too: the estimator checks them on a two-row batch (microseconds, no jit).
+  inputs = {"rewards": np.zeros(2, np.float32), "group_ids": np.zeros(2, np.int32),
+            "strata": np.zeros(2, np.int32)}
+  try:
+    call_with_inputs(fn, inputs, options)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{what}={dict(options)!r} is not valid for {registry.kind} {name!r}: "
+                     f"{e}") from e
+
+
+def call_with_inputs(fn: Callable, inputs: Mapping[str, Any], options: Mapping[str, Any]):
+  """Calls a registry entry with the named inputs its positional parameters ask for."""
+  params = inspect.signature(fn).parameters.values()
+  args = [inputs[p.name] for p in params
+          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name in inputs]
+  return fn(*args, **options)
+
+
+# Fields of the old `GRPOConfig` that are estimator options today.
+LEGACY_ADVANTAGE_FIELDS = ("advantage_scale", "stratified_blend", "reinforce_pp_baseline")
+_LEGACY_OPTION_NAMES = {"advantage_scale": ("scale", "global_scale"),
+                        "stratified_blend": ("blend",), "reinforce_pp_baseline": ("baseline",)}
+
+
+def legacy_advantage_options(advantage: str, **legacy: Any) -> dict[str, Any]:
+  """The `advantage_options` the old flat fields meant for estimator `advantage`: each field
+  goes to the option of that name the estimator has (fields it has none for were ignored)."""
+  if advantage == GAE:
+    return {}
+  accepted = inspect.signature(losses.ADVANTAGES.get(advantage)).parameters
+  return {option: value for field, value in legacy.items()
+          for option in _LEGACY_OPTION_NAMES[field] if option in accepted}
+
+
+def GRPOConfig(**kwargs: Any) -> PolicyGradientConfig:  # noqa: N802  (the old class name)
+  """Deprecated: the old name of `PolicyGradientConfig` (also accepts its old fields
+  `advantage_scale`, `stratified_blend`, `reinforce_pp_baseline`)."""
+  warnings.warn("steps.GRPOConfig is deprecated: use steps.PolicyGradientConfig (and "
+                "advantage_options={...} instead of advantage_scale / stratified_blend / "
+                "reinforce_pp_baseline)", DeprecationWarning, stacklevel=2)
+  return PolicyGradientConfig(**PolicyGradientConfig.upgrade_dict(kwargs))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CriticConfig:
   """PPO's critic: a `ValueModel` (own trunk, initialised from the warm-started policy's
   transformer, plus a fresh value head) trained on the lambda-returns. Used only with
-  `GRPOConfig.advantage == "gae"`.
+  `PolicyGradientConfig.advantage == "gae"`.
 
   Attributes:
     gamma: discount per policy token.
@@ -296,7 +371,7 @@ def outcome_token_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(onehot, jnp.asarray(rewards, jnp.float32)[:, None], 0.0)
 
 
-def outcome_advantages(config: GRPOConfig, rewards: jax.Array, group_ids: jax.Array,
+def outcome_advantages(config: PolicyGradientConfig, rewards: jax.Array, group_ids: jax.Array,
                        num_searches: jax.Array) -> jax.Array:
   """Per-episode advantages of `config.advantage` (any name but "gae").
 
@@ -310,21 +385,14 @@ def outcome_advantages(config: GRPOConfig, rewards: jax.Array, group_ids: jax.Ar
     [N] float32 advantages.
 
   Example:
-    >>> adv = outcome_advantages(GRPOConfig(advantage="rloo"), jnp.array([1., 0.]),
+    >>> adv = outcome_advantages(PolicyGradientConfig(advantage="rloo"), jnp.array([1., 0.]),
     ...                          jnp.array([0, 0]), jnp.array([1, 2]))   # [1, -1]
   """
-  name = config.advantage
-  if name == GAE:
+  if config.advantage == GAE:
     raise ValueError("advantage='gae' needs a critic: use make_gae_fn")
-  fn = losses.ADVANTAGES.get(name)
-  if name == "grpo":
-    return fn(rewards, group_ids, scale=config.advantage_scale)
-  if name == "reinforce_pp":
-    return fn(rewards, group_ids, baseline=config.reinforce_pp_baseline)
-  if name == "stratified":
-    return fn(rewards, group_ids, num_searches, blend=config.stratified_blend,
-              global_scale=config.advantage_scale)
-  return fn(rewards, group_ids)
+  inputs = {"rewards": rewards, "group_ids": group_ids, "strata": num_searches}
+  return call_with_inputs(losses.ADVANTAGES.get(config.advantage), inputs,
+                          config.advantage_options)
 
 
 def batch_statistics(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array) -> Metrics:
@@ -349,8 +417,110 @@ def batch_statistics(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array) 
   }
 
 
-def make_sft_update_fn(apply_fn: Callable) -> Callable[[TrainState, SequenceBatch], tuple[TrainState, Metrics]]:
+def micro_batches(tree: PyTree, num: int) -> PyTree:
+  """Splits every leaf `[N, ...]` into `[num, N // num, ...]`, micro-batch k holding rows
+  k, k + num, k + 2 num, ... (strided: with rows sharded over the batch axes, every
+  micro-batch keeps rows on every shard, so no data moves between devices)."""
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"{x.shape[0]} rows cannot be split into {num} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def _rows(tree: PyTree) -> int:
+  return jax.tree.leaves(tree)[0].shape[0]
+
+
+def accumulate_gradients(loss_fn: Callable, params: PyTree, batch: PyTree, *,
+                         micro_batch_size: int, weights_fn: Callable[[PyTree], jax.Array]):
+  """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch)`, computed over micro-batches.
+
+  The micro-batches go through one `lax.scan` (one forward + backward live at a time); their
+  losses and gradients are summed with `weights_fn(micro)` (`micro`: the batch split by
+  `micro_batches`, leaves `[M, N / M, ...]` -> `[M]` weights), which must make the weighted
+  sum equal the full-batch loss: each micro-batch's share of the loss's normaliser (its
+  counted tokens or rows over the whole batch's; 1 for a sum over a constant). The gradient
+  is then exactly the full-batch gradient (up to float reassociation). Aux metrics are
+  averaged with the normalised weights, except keys ending in "_min" / "_max" (min / max
+  over the micro-batches with weight > 0).
+
+  Args:
+    loss_fn: `(params, batch) -> (loss [], aux dict)`.
+    params: the parameters differentiated.
+    batch: a pytree of arrays with rows first, `N` rows.
+    micro_batch_size: rows per micro-batch; 0 (or >= N) is one pass over the whole batch.
+    weights_fn: see above.
+
+  Returns:
+    `((loss, aux), grads)`, as `jax.value_and_grad(..., has_aux=True)`.
+
+  Example:
+    >>> (loss, aux), grads = accumulate_gradients(
+    ...     loss_fn, params, batch, micro_batch_size=8,
+    ...     weights_fn=lambda mb: token_shares(mb.loss_mask))
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n = _rows(batch)
+  if not micro_batch_size or micro_batch_size >= n:
+    return grad_fn(params, batch)
+  if n % micro_batch_size:
+    raise ValueError(f"micro_batch_size ({micro_batch_size}) must divide the batch's {n} rows")
+  micro = micro_batches(batch, n // micro_batch_size)
+  weights = jnp.asarray(weights_fn(micro), jnp.float32)                    # [M]
+  metric_w = weights / jnp.maximum(jnp.sum(weights), 1e-30)
+  (_, aux_shape), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+
+  def init(key, leaf):
+    fill = jnp.inf if key.endswith("_min") else -jnp.inf if key.endswith("_max") else 0.0
+    return jnp.full(leaf.shape, fill, leaf.dtype)
+
+  def body(carry, xs):
+    loss_acc, aux_acc, grad_acc = carry
+    mb, w, mw = xs
+    (loss, aux), grads = grad_fn(params, mb)
+    grad_acc = jax.tree.map(lambda a, g: a + w * g, grad_acc, grads)
+    live = w > 0
+    aux_acc = {k: (jnp.where(live, jnp.minimum(v, aux[k]), v) if k.endswith("_min") else
+                   jnp.where(live, jnp.maximum(v, aux[k]), v) if k.endswith("_max") else
+                   v + mw * aux[k]) for k, v in aux_acc.items()}
+    return (loss_acc + w * loss, aux_acc, grad_acc), None
+
+  carry = (jnp.zeros([], jnp.float32), {k: init(k, v) for k, v in aux_shape.items()},
+           jax.tree.map(jnp.zeros_like, params))
+  (loss, aux, grads), _ = jax.lax.scan(body, carry, (micro, weights, metric_w))
+  aux = {k: (jnp.where(jnp.isfinite(v), v, 0.0) if k.endswith(("_min", "_max")) else v)
+         for k, v in aux.items()}
+  return (loss, aux), grads
+
+
+def token_shares(mask: jax.Array) -> jax.Array:
+  """`[M, n, T]` mask -> `[M]`: each micro-batch's share of the counted tokens (the weights
+  of a token-mean loss)."""
+  counts = jnp.sum(jnp.asarray(mask, jnp.float32), axis=(1, 2))
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def agg_shares(mask: jax.Array, agg: str) -> jax.Array:
+  """The micro-batch weights of `losses.aggregate(x, mask, agg)` (`[M, n, T]` mask -> `[M]`):
+  token shares for "token-mean", shares of the rows with a counted token for the
+  "seq-mean-*" means, 1 each for "seq-mean-token-sum-norm" (a sum over a constant)."""
+  if agg == "token-mean":
+    return token_shares(mask)
+  if agg == "seq-mean-token-sum-norm":
+    return jnp.ones(mask.shape[:1], jnp.float32)
+  rows = jnp.sum(jnp.any(mask, axis=-1).astype(jnp.float32), axis=1)
+  return rows / jnp.maximum(jnp.sum(rows), 1.0)
+
+
+def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
+                       ) -> Callable[[TrainState, SequenceBatch], tuple[TrainState, Metrics]]:
   """Teacher-forced cross-entropy on the tokens of `batch.loss_mask`.
+
+  Args:
+    apply_fn: `apply_fn({"params": params}, tokens) -> logits [N, T, V]`.
+    micro_batch_size: rows per micro-batch (gradient accumulation, `accumulate_gradients`);
+      0: the whole batch at once.
 
   Returns:
     `update_fn(state, batch: SequenceBatch) -> (state, metrics)`, pure.
@@ -361,13 +531,15 @@ def make_sft_update_fn(apply_fn: Callable) -> Callable[[TrainState, SequenceBatc
     return losses.cross_entropy_loss(logits, batch.tokens[:, 1:], batch.loss_mask[:, 1:])
 
   def update_fn(state: TrainState, batch: SequenceBatch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, aux), grads = accumulate_gradients(
+        loss_fn, state.params, batch, micro_batch_size=micro_batch_size,
+        weights_fn=lambda mb: token_shares(mb.loss_mask[:, :, 1:]))
     return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
   return update_fn
 
 
-def make_policy_loss_fn(apply_fn: Callable, config: GRPOConfig, *,
+def make_policy_loss_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                         norm_length: int | float | None = None):
   """The policy objective (module docstring) as a function of the parameters.
 
@@ -396,7 +568,7 @@ def make_policy_loss_fn(apply_fn: Callable, config: GRPOConfig, *,
         logp, batch.old_logp, batch.ref_logp, batch.advantages, mask,
         clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
         kl_kind=config.kl_kind, agg=config.agg, dual_clip=config.dual_clip,
-        ratio_level=config.ratio_level, norm_length=norm)
+        ratio_level=config.ratio_level, norm_length=norm, policy_loss=config.policy_loss)
     # Entropy of the distribution each policy token was drawn from (column t: given < t).
     ent_logits = logits if config.entropy_coef else jax.lax.stop_gradient(logits)
     entropy = jnp.pad(losses.entropy_from_logits(ent_logits), ((0, 0), (1, 0)))  # [N, T]
@@ -410,8 +582,8 @@ def make_policy_loss_fn(apply_fn: Callable, config: GRPOConfig, *,
       rows = None
       if config.llds_preserve == "nonnegative":
         rows = losses.masked_mean(adv, mask, axis=1) >= 0                     # [N]
-      penalty, llds_metrics = losses.llds_penalty(logp, old, mask, rows=rows, agg=config.agg,
-                                                  norm_length=norm)
+      penalty, llds_metrics = losses.REGULARIZERS.get("llds")(
+          logp, old, mask, rows=rows, agg=config.agg, norm_length=norm)
       loss = loss + config.llds_coef * penalty
       metrics.update(llds_metrics, llds=jax.lax.stop_gradient(penalty))
     adv_mean = losses.masked_mean(adv, mask)
@@ -424,7 +596,7 @@ def make_policy_loss_fn(apply_fn: Callable, config: GRPOConfig, *,
   return loss_fn
 
 
-def make_policy_update_fn(apply_fn: Callable, config: GRPOConfig, *,
+def make_policy_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                           norm_length: int | float | None = None,
                           ) -> Callable[[TrainState, PolicyGradientBatch],
                                         tuple[TrainState, Metrics]]:
@@ -435,12 +607,14 @@ def make_policy_update_fn(apply_fn: Callable, config: GRPOConfig, *,
     "loss" and "grad_norm" to the loss's.
 
   Example:
-    >>> update = jax.jit(make_policy_update_fn(apply_fn, GRPOConfig()), donate_argnums=0)
+    >>> update = jax.jit(make_policy_update_fn(apply_fn, PolicyGradientConfig()), donate_argnums=0)
   """
   loss_fn = make_policy_loss_fn(apply_fn, config, norm_length=norm_length)
 
   def update_fn(state: TrainState, batch: PolicyGradientBatch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, aux), grads = accumulate_gradients(
+        loss_fn, state.params, batch, micro_batch_size=config.micro_batch_size,
+        weights_fn=lambda mb: agg_shares(mb.policy_mask, config.agg))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return state.apply_gradients(grads), metrics
 
@@ -525,9 +699,14 @@ def make_gae_fn(value_apply_fn: Callable, config: CriticConfig):
   return gae_fn
 
 
-def make_critic_update_fn(value_apply_fn: Callable, config: CriticConfig,
+def make_critic_update_fn(value_apply_fn: Callable, config: CriticConfig, *,
+                          micro_batch_size: int = 0,
                           ) -> Callable[[TrainState, CriticBatch], tuple[TrainState, Metrics]]:
   """One optimizer step on the clipped value loss over the policy tokens.
+
+  Args:
+    value_apply_fn / config: the critic.
+    micro_batch_size: rows per micro-batch (`accumulate_gradients`; 0: the whole batch).
 
   Returns:
     `update_fn(state, batch: CriticBatch) -> (state, metrics)`, pure; metrics
@@ -544,7 +723,9 @@ def make_critic_update_fn(value_apply_fn: Callable, config: CriticConfig,
                              clip=config.value_clip)
 
   def update_fn(state: TrainState, batch: CriticBatch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, aux), grads = accumulate_gradients(
+        loss_fn, state.params, batch, micro_batch_size=micro_batch_size,
+        weights_fn=lambda mb: token_shares(mb.mask))
     return state.apply_gradients(grads), {"value_loss": loss,
                                           "value_grad_norm": optax.global_norm(grads), **aux}
 

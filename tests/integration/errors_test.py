@@ -41,8 +41,8 @@ class GinErrorTest(parameterized.TestCase):
     return str(ctx.exception)
 
   def test_misspelt_parameter_names_the_right_one(self):
-    msg = self.parse_error(["steps.GRPOConfig.num_generatons = 4"])
-    self.assertIn("Configurable 'steps.GRPOConfig' doesn't have a parameter named "
+    msg = self.parse_error(["steps.PolicyGradientConfig.num_generatons = 4"])
+    self.assertIn("Configurable 'steps.PolicyGradientConfig' doesn't have a parameter named "
                   "'num_generatons'", msg)
     self.assertIn("Fix: did you mean 'num_generations'?", msg)
     self.assertIn("'prompts_per_step', 'num_generations'", msg)   # the valid names, listed
@@ -51,11 +51,11 @@ class GinErrorTest(parameterized.TestCase):
     msg = self.parse_error(["sft/optim.OptimizerConfig.learning_rat = 1e-3"])
     self.assertIn("did you mean 'learning_rate'?", msg)
 
-  @parameterized.parameters("steps.GRPOConfg", "stepz.GRPOConfig")
+  @parameterized.parameters("steps.GRPOConfg", "stepz.PolicyGradientConfig")
   def test_misspelt_configurable_names_the_right_one(self, name):
     msg = self.parse_error([f"{name}.num_generations = 4"])
     self.assertIn(f"No configurable matching '{name}'", msg)
-    self.assertRegex(msg, r"Fix: did you mean steps\.GRPOConfig\b")
+    self.assertRegex(msg, r"Fix: did you mean steps\.PolicyGradientConfig\b")
     self.assertIn("from jaxsearch.train import steps", msg)
 
   def test_undefined_macro_names_the_defined_one(self):
@@ -147,7 +147,7 @@ class LauncherErrorTest(absltest.TestCase):
 
   def test_unknown_binding(self):
     rc, err = launch("--gin_file=gin/experiments/quickstart.gin",
-                     "--gin_bindings=steps.GRPOConfig.num_generatons = 4")
+                     "--gin_bindings=steps.PolicyGradientConfig.num_generatons = 4")
     self.assertNotEqual(rc, 0)
     self.assertIn("doesn't have a parameter named 'num_generatons'", err)
     self.assertIn("Fix: did you mean 'num_generations'?", err)

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,11 +21,29 @@ TINY = [
     "world.WorldConfig.train_size = 100", "world.WorldConfig.validation_size = 10",
     "world.WorldConfig.test_size = 16",
     "experiment.SFTConfig.num_demos = 64", "experiment.SFTConfig.batch_size = 8",
-    "steps.GRPOConfig.prompts_per_step = 2", "steps.GRPOConfig.num_generations = 2",
+    "steps.PolicyGradientConfig.prompts_per_step = 2", "steps.PolicyGradientConfig.num_generations = 2",
     "experiment.RunConfig.eval_batch_size = 16", "experiment.RunConfig.checkpoint_every = 2",
     "search_env.RolloutConfig.max_len = 128",
     "transformer.TransformerConfig.d_model = 32", "transformer.TransformerConfig.num_layers = 1",
     "transformer.TransformerConfig.mlp_dim = 64",
+]
+
+
+# The smallest launcher run: 2 dense-retriever steps on a small world, one checkpoint.
+TINY_DENSE = [
+    "DENSE_STEPS = 2", "world.WorldConfig.num_people = 60",
+    "world.WorldConfig.num_distractors = 20",
+    "world.WorldConfig.train_size = 120", "world.WorldConfig.validation_size = 16",
+    "world.WorldConfig.test_size = 40", "encoder.EncoderConfig.hidden_size = 32",
+    "encoder.EncoderConfig.num_layers = 1", "encoder.EncoderConfig.num_heads = 2",
+    "encoder.EncoderConfig.intermediate_size = 64",
+    "dense_retriever.DenseRetrieverConfig.tokenizer_vocab_size = 300",
+    "dense_retriever.DenseRetrieverConfig.batch_size = 16",
+    "dense_retriever.DenseRetrieverConfig.log_every = 1",
+    "dense_retriever.DenseRetrieverConfig.eval_every = 100",
+    "dense_retriever.DenseRetrieverConfig.checkpoint_every = 2",
+    "dense_retriever.DenseRetrieverConfig.train_eval_size = 60",
+    "dense_retriever.DenseRetrieverConfig.embed_batch_size = 64",
 ]
 
 
@@ -88,7 +107,7 @@ class LauncherTest(absltest.TestCase):
     self.assertEqual(summary["closed_book_searches"], 0.0)
     config = open(os.path.join(workdir, "operative_config.gin")).read()
     self.assertIn("RunConfig", config)
-    self.assertIn("GRPOConfig.num_generations = 2", config)
+    self.assertIn("PolicyGradientConfig.num_generations = 2", config)
     self.assertTrue(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
     self.assertTrue(os.path.exists(os.path.join(workdir, "tokenizer.model")))
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, "checkpoints", "rl"))), ["2", "3"])
@@ -111,8 +130,9 @@ class LauncherTest(absltest.TestCase):
                                                      devices=8))):
       out = launch(workdir, "RL_STEPS = 1", **kwargs)
       self.assertEqual(out.returncode, 0, out.stderr[-4000:])
-    # The loop logs the mesh it built: 8 devices as 2 x 2 x 2.
-    self.assertIn("mesh {'data': 2, 'fsdp': 2, 'tensor': 2}", out.stderr)
+    # The loop logs the mesh it built (to the workdir's log): 8 devices as 2 x 2 x 2.
+    with open(os.path.join(eight, "logs", "run.log")) as f:
+      self.assertIn("mesh {'data': 2, 'fsdp': 2, 'tensor': 2}", f.read())
     losses = [[r["sft/loss"] for r in metrics_lib.read_metrics(w) if "sft/loss" in r]
               for w in (one, eight)]
     self.assertNotEmpty(losses[0])
@@ -122,7 +142,7 @@ class LauncherTest(absltest.TestCase):
     # Issue 5: the whole launcher run (warm start, evaluations, GRPO, checkpoints) on 2
     # processes x 4 CPU devices joined by jax.distributed (gloo), against 1 process x 8.
     # 8 rows per SFT and RL step, so each process loads 4 of every SFT batch.
-    rows = ("steps.GRPOConfig.prompts_per_step = 4", "RL_STEPS = 2")
+    rows = ("steps.PolicyGradientConfig.prompts_per_step = 4", "RL_STEPS = 2")
     one, two = tempfile.mkdtemp(), tempfile.mkdtemp()
     single = launch(one, *rows, devices=8)
     self.assertEqual(single.returncode, 0, single.stderr[-4000:])
@@ -132,7 +152,8 @@ class LauncherTest(absltest.TestCase):
     # One writer: process 0 prints progress lines, both train.
     self.assertIn("[rl 2/2]", procs[0].stdout)
     self.assertNotIn("[rl 2/2]", procs[1].stdout)
-    self.assertIn("mesh {'data': 8, 'fsdp': 1, 'tensor': 1}", procs[1].stderr)
+    with open(os.path.join(two, "logs", "run.1.log")) as f:   # process 1's own log
+      self.assertIn("mesh {'data': 8, 'fsdp': 1, 'tensor': 1}", f.read())
     read = lambda w: json.load(open(os.path.join(w, "summary.json")))
     summary_one, summary_two = read(one), read(two)
     for s in (summary_one, summary_two):
@@ -155,9 +176,41 @@ class LauncherTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(os.path.join(two, "checkpoints", "rl"))), ["2"])
 
   def test_unknown_binding_is_a_clear_error(self):
-    out = launch(tempfile.mkdtemp(), "steps.GRPOConfig.num_generatons = 4")
+    out = launch(tempfile.mkdtemp(), "steps.PolicyGradientConfig.num_generatons = 4")
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("num_generatons", out.stderr)
+
+
+@pytest.mark.slow
+class ConsoleTest(absltest.TestCase):
+
+  def test_console_shows_config_and_progress_and_the_log_file_the_rest(self):
+    workdir = tempfile.mkdtemp()
+    env = _env(1)
+    env.pop("TF_CPP_MIN_LOG_LEVEL")   # the launcher sets it itself
+    cmd = [sys.executable, "-m", "experiments.run",
+           "--gin_file=gin/experiments/dense_retriever.gin", f"--workdir={workdir}",
+           *(f"--gin_bindings={b}" for b in TINY_DENSE)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    self.assertEqual(out.returncode, 0, out.stderr[-4000:])
+    console = out.stdout + out.stderr
+    for noise in ("cuInit", "cudart_stub", "checkpoint_manager.py", "logging_writer.py"):
+      self.assertNotIn(noise, console)
+    self.assertNotRegex(out.stderr, re.compile(r"^I\d{4} ", re.M))   # no absl INFO line
+    # The configuration summary, then the progress lines.
+    self.assertIn("run jaxsearch.programs.dense_retriever.run", out.stdout)
+    self.assertIn("gin files: gin/experiments/dense_retriever.gin (+17 bindings)", out.stdout)
+    self.assertIn(f"workdir:   {workdir}", out.stdout)
+    self.assertIn("steps=2 batch_size=16", out.stdout)
+    self.assertIn("[dense 1/2] loss=", out.stdout)
+    self.assertIn("[dense 2/2] loss=", out.stdout)
+    self.assertLess(out.stdout.index("run jaxsearch"), out.stdout.index("[dense 1/2]"))
+    # The library's INFO lines are in the workdir's log.
+    with open(os.path.join(workdir, "logs", "run.log")) as f:
+      log = f.read()
+    self.assertRegex(log, re.compile(r"^I\d{4} .*checkpoint_manager\.py", re.M))
+    self.assertRegex(log, re.compile(r"^I\d{4} .*\] \[2\] .*dense/loss=", re.M))   # metric writer
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = [
     "SFT_STEPS = 3", "RL_STEPS = 2", "MAX_PASSAGE_TOKENS = 24",
     "experiment.SFTConfig.num_demos = 32", "experiment.SFTConfig.batch_size = 8",
-    "steps.GRPOConfig.prompts_per_step = 2", "steps.GRPOConfig.num_generations = 2",
+    "steps.PolicyGradientConfig.prompts_per_step = 2", "steps.PolicyGradientConfig.num_generations = 2",
     "experiment.RunConfig.eval_batch_size = 8", "experiment.RunConfig.checkpoint_every = 2",
     "experiment.RunConfig.tokenizer_vocab_size = 512",
     "search_env.RolloutConfig.max_len = 128",

@@ -184,6 +184,15 @@ class ReinforcePPTest(absltest.TestCase):
     np.testing.assert_allclose(adv, np.array([0, 0, -1, 1]) / np.sqrt(2 / 3), atol=1e-5)
     self.assertIs(adv_lib.ADVANTAGES.get("reinforce_pp"), adv_lib.reinforce_pp_advantages)
 
+  def test_group_baseline_only_subtracts_groups_of_different_spreads(self):
+    # Groups {0, 1} = (0, 2) and {2, 3} = (0, 4): their spreads differ (std sqrt(2) vs
+    # 2 sqrt(2)), so dividing by each group's std would give (-1, 1, -1, 1) / sqrt(2/3).
+    # Only the group mean is subtracted: (-1, 1, -2, 2); batch mean 0, squared deviations
+    # 1 + 1 + 4 + 4 = 10, std(ddof=1) = sqrt(10 / 3).
+    fn = jax.jit(adv_lib.reinforce_pp_advantages, static_argnames="baseline")
+    adv = fn(jnp.array([0., 2., 0., 4.]), jnp.array([0, 0, 1, 1]), baseline="group")
+    np.testing.assert_allclose(adv, np.array([-1, 1, -2, 2]) / np.sqrt(10 / 3), atol=1e-5)
+
   def test_zero_variance_and_single_row(self):
     np.testing.assert_array_equal(adv_lib.reinforce_pp_advantages(jnp.full([4], 0.7)), 0.0)
     np.testing.assert_array_equal(adv_lib.reinforce_pp_advantages(jnp.array([3.])), [0.0])

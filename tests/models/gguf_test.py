@@ -278,7 +278,8 @@ class TinyGGUFTest(parameterized.TestCase):
         gguf_lib.smollm2_path()
 
   def test_registry(self):
-    self.assertIs(gguf_lib.PRETRAINED.get("smollm2-135m-instruct"), gguf_lib.load_smollm2)
+    from jaxsearch.models import pretrained  # noqa: PLC0415
+    self.assertIs(pretrained.PRETRAINED.get("smollm2-135m-instruct"), gguf_lib.load_smollm2)
 
 
 @absltest.skipUnless(HAVE_SMOLLM2, SKIP_REASON)

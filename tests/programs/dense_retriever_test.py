@@ -14,7 +14,9 @@ from jaxsearch import metrics as metrics_lib
 from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.encoder import EncoderConfig
 from jaxsearch.retrieval.corpus import Corpus
+from jaxsearch.retrieval.hard_negatives import mine_hard_negatives
 from jaxsearch.retrieval.retriever import build_retriever
+from jaxsearch.retrieval.trained_encoder import load_text_encoder
 from jaxsearch.programs import dense_retriever as dr
 from jaxsearch.train.optim import OptimizerConfig
 
@@ -120,7 +122,7 @@ class HardNegativesTest(absltest.TestCase):
     pairs = dr.training_pairs(data)
     bm25 = build_retriever("bm25", data.corpus)
     depth = 6
-    negatives = dr.mine_hard_negatives(bm25, pairs.queries, pairs.exclude, depth, batch_size=7)
+    negatives = mine_hard_negatives(bm25, pairs.queries, pairs.exclude, depth, batch_size=7)
     self.assertEqual(negatives.shape, (len(pairs.queries), depth))
     # Reference: the full BM25 score matrix, ranked by score (ties toward the lower row),
     # relevant rows dropped.
@@ -133,19 +135,6 @@ class HardNegativesTest(absltest.TestCase):
       self.assertEqual(negatives[i].tolist(), expected)
     # They are hard: most share words with the query (positive BM25 score).
     self.assertGreater(np.mean(np.take_along_axis(scores, negatives, axis=1) > 0), 0.9)
-
-  def test_hand_example_and_errors(self):
-    corpus = Corpus(ids=("a", "b", "c", "d"), titles=("", "", "", ""),
-                    texts=("red apple", "red red car", "green apple", "blue sky"))
-    bm25 = build_retriever("bm25", corpus)
-    # "red apple": a (both words) > b (red twice) > c (apple) > d (none); a is the positive.
-    self.assertEqual(dr.mine_hard_negatives(bm25, ["red apple"], [{0}], 2).tolist(), [[1, 2]])
-    self.assertEqual(dr.mine_hard_negatives(bm25, ["red apple"], [{1}], 3).tolist(),
-                     [[0, 2, 3]])
-    with self.assertRaisesRegex(ValueError, "documents"):
-      dr.mine_hard_negatives(bm25, ["red apple"], [{0, 1}], 3)
-    with self.assertRaisesRegex(ValueError, "depth"):
-      dr.mine_hard_negatives(bm25, ["red apple"], [{0}], 0)
 
 
 class RunTest(absltest.TestCase):
@@ -182,7 +171,7 @@ class RunTest(absltest.TestCase):
     self.assertEqual(dr.load_config(self.workdir), self.config)
     # The saved encoder reproduces the test recall through the text encoder + exact search.
     data = dr.load_retrieval_data(self.config)
-    retriever = build_retriever("exact", data.corpus, encoder=dr.load_text_encoder(self.workdir))
+    retriever = build_retriever("exact", data.corpus, encoder=load_text_encoder(self.workdir))
     got = dr.evaluate_search(retriever.search, data.test_queries, data.test_qrels,
                              data.corpus.ids, ("recall@10",))
     self.assertAlmostEqual(got["recall@10"], self.summary["test_trained_recall@10"], delta=0.03)

@@ -12,6 +12,7 @@ import pytest
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.data.world import WorldConfig, build_world
+from jaxsearch.generative.workdir import load_docids, load_model
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.programs import generative_retrieval as dsi_run
 from jaxsearch.train.optim import OptimizerConfig
@@ -154,7 +155,7 @@ class RunTest(absltest.TestCase):
     qgen = [r["step"] for r in metrics_lib.read_metrics(self.workdir) if "qgen/loss" in r]
     self.assertEqual(qgen, [1, 4])
     self.assertIn("qgen_train_seconds", summary)
-    docids, doc_ids = dsi_run.load_docids(self.workdir)
+    docids, doc_ids = load_docids(self.workdir)
     self.assertEqual(docids.kind, "atomic")
     self.assertEqual(doc_ids[0], world.documents[0].doc_id)
 
@@ -162,10 +163,10 @@ class RunTest(absltest.TestCase):
     import jax  # noqa: PLC0415
     from jaxsearch.generative import dsi  # noqa: PLC0415
     from jaxsearch.generative.trie import build_trie, trie_depth  # noqa: PLC0415
-    model, params, tok, docids, layout = dsi_run.load_model(self.workdir)       # DDRO stage
+    model, params, tok, docids, layout = load_model(self.workdir)       # DDRO stage
     self.assertEqual(model.config.vocab_size, layout.vocab_size)
     self.assertEqual(layout.code_offset, tok.vocab_size)
-    _, dsi_params, _, _, _ = dsi_run.load_model(self.workdir, phase="dsi")
+    _, dsi_params, _, _, _ = load_model(self.workdir, phase="dsi")
     differs = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()), params,
                                            dsi_params))
     self.assertTrue(any(differs))                                  # DDRO moved the weights

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.data import demos
+from jaxsearch.data.questions import unique_questions
 from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.heads import RewardModel, ValueHeadConfig
 from jaxsearch.models.transformer import TransformerConfig
@@ -51,7 +52,7 @@ class PreferencePairsTest(absltest.TestCase):
     super().setUpClass()
     cls.config = small_config()
     cls.exp = rm._environment(cls.config, None, cls.config.tokenizer_vocab_size)
-    cls.questions = rm.unique_questions(cls.exp.world.splits["test"])
+    cls.questions = unique_questions(cls.exp.world.splits["test"])
     cls.data = rm.build_preference_pairs(cls.exp.world, cls.questions, cls.exp.tokenizer,
                                          cls.exp.respond, seed=3)
 
@@ -105,7 +106,7 @@ class PreferencePairsTest(absltest.TestCase):
     np.testing.assert_array_equal(self.data.agent_mask[chosen_rows], demo.loss_mask[:, :width])
 
   def test_pairs_per_question_and_seeds(self):
-    train_qs = rm.unique_questions(self.exp.world.splits["train"])
+    train_qs = unique_questions(self.exp.world.splits["train"])
     a = rm.build_preference_pairs(self.exp.world, train_qs, self.exp.tokenizer, self.exp.respond,
                                   pairs_per_question=2, seed=0)
     b = rm.build_preference_pairs(self.exp.world, train_qs, self.exp.tokenizer, self.exp.respond,
@@ -232,7 +233,7 @@ class RunTest(absltest.TestCase):
   def test_adapter_prefers_chosen_on_held_out_pairs(self):
     reward = rm.load_reward_fn(self.workdir)
     exp = rm._environment(self.config, reward.tokenizer, self.config.tokenizer_vocab_size)
-    questions = rm.unique_questions(exp.world.splits["test"])
+    questions = unique_questions(exp.world.splits["test"])
     data = rm.build_preference_pairs(exp.world, questions, reward.tokenizer, exp.respond,
                                      seed=self.config.seed + 1)
     # Token path: the same accuracy the run reported.

@@ -32,6 +32,26 @@ class SamplingTest(parameterized.TestCase):
     tokens, _ = sample_logits(jax.random.key(3), jnp.repeat(LOGITS, n, 0), top_p=top_p)
     self.assertEqual(set(np.unique(np.asarray(tokens)).tolist()), support)
 
+  @parameterized.named_parameters(
+      # Probabilities and their running sums are exact in float32: mass before each sorted
+      # token is [0, .5, .75, .875]. Convention: keep the smallest prefix whose mass reaches
+      # top_p, i.e. the tokens whose preceding mass is < top_p. A token whose own cumulative
+      # mass only *equals* top_p already completes the prefix: the next one is dropped.
+      ("reaches_p_at_token_0", 0.5, {0}),
+      ("reaches_p_at_token_1", 0.75, {0, 1}),
+      ("just_above_token_1", 0.76, {0, 1, 2, 3}),   # tokens 2 and 3 tie: both kept
+  )
+  def test_top_p_boundary_when_mass_equals_p_exactly(self, top_p, support):
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.125, 0.125]], jnp.float32))
+    probs = jax.nn.softmax(logits[0])
+    np.testing.assert_array_equal(np.cumsum(np.asarray(probs)), [0.5, 0.75, 0.875, 1.0])
+    n = 4000
+    fn = jax.jit(lambda k: sample_logits(k, jnp.repeat(logits, n, 0), top_p=top_p))
+    tokens, logp = fn(jax.random.key(4))
+    self.assertEqual(set(np.unique(np.asarray(tokens)).tolist()), support)
+    # The returned log-prob is the untruncated one.
+    np.testing.assert_allclose(logp, jnp.log(probs)[tokens], atol=1e-6)
+
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "temperature"):
       sample_logits(jax.random.key(0), LOGITS, temperature=-1.0)

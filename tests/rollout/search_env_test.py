@@ -121,6 +121,27 @@ class RolloutTest(parameterized.TestCase):
     self.assertTrue(r.env_mask[0, 5:8].all())
     np.testing.assert_array_equal(r.turn_ids[0, 3:11], [1, 1, 1, 1, 1, 2, 2, 2])
 
+  def test_policy_pad_ends_the_episode_like_eos(self):
+    # A sampled <pad> stops the row (status STOPPED) right after it, as <eos> does; the script
+    # would go on to answer if <pad> were an ordinary token.
+    r = run([[A_OPEN, 22, PAD, 23, A_CLOSE]])
+    self.assertEqual(r.status[0], EpisodeStatus.STOPPED)
+    self.assertEqual(r.lengths[0], 6)
+    np.testing.assert_array_equal(r.tokens[0, :6], PROMPT + [A_OPEN, 22, PAD])
+    np.testing.assert_array_equal(r.policy_mask[0], [False] * 3 + [True] * 3 + [False] * 42)
+
+  @parameterized.named_parameters(
+      # PROMPT (3 tokens) + [A_OPEN, 22, A_CLOSE]: </answer> sits at position 5.
+      ("answer_closes_at_the_last_position", [A_OPEN, 22, A_CLOSE], 6, EpisodeStatus.ANSWERED),
+      ("answer_closes_before_the_end", [A_OPEN, 22, A_CLOSE], 7, EpisodeStatus.ANSWERED),
+      ("answer_does_not_fit", [A_OPEN, 22, A_CLOSE], 5, EpisodeStatus.TRUNCATED),
+      ("eos_at_the_last_position", [A_OPEN, 22, EOS], 6, EpisodeStatus.STOPPED),
+  )
+  def test_status_at_the_length_limit(self, script, max_len, status):
+    r = run([script], max_len=max_len)
+    self.assertEqual(r.status[0], status)
+    self.assertEqual(r.lengths[0], min(max_len, 6))
+
   def test_overlong_query_is_truncated_not_an_error(self):
     script = [S_OPEN, 16, 13, 14, 13, S_CLOSE, A_OPEN, 22, A_CLOSE]
     r = run([script], max_query_tokens=1)

@@ -3,16 +3,16 @@ from absl.testing import absltest, parameterized
 
 from jaxsearch.rollout.search_env import RolloutConfig
 from jaxsearch.programs.search_agent.experiment import RLConfig, RunConfig, SFTConfig
-from jaxsearch.train.steps import GRPOConfig
+from jaxsearch.train.steps import PolicyGradientConfig
 
 
 class ConfigErrorsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("generations", GRPOConfig, dict(num_generations=1), "num_generations must be >= 2, got 1"),
-      ("kl_kind", GRPOConfig, dict(kl_kind="k9"), "kl_kind must be one of .* got 'k9'"),
-      ("agg", GRPOConfig, dict(agg="sum"), "agg must be one of .* got 'sum'"),
-      ("scale", GRPOConfig, dict(advantage_scale="std"), "'group', 'batch' or 'none', got 'std'"),
+      ("generations", PolicyGradientConfig, dict(num_generations=1), "num_generations must be >= 2, got 1"),
+      ("kl_kind", PolicyGradientConfig, dict(kl_kind="k9"), "kl_kind must be one of .* got 'k9'"),
+      ("agg", PolicyGradientConfig, dict(agg="sum"), "agg must be one of .* got 'sum'"),
+      ("scale", PolicyGradientConfig, dict(advantage_options={"scale": "std"}), "'group', 'batch', 'none'\\), got 'std'"),
       ("max_len", RolloutConfig, dict(max_len=0), "max_len must be >= 1, got 0"),
       ("top_p", RolloutConfig, dict(top_p=1.5), "top_p must be in \\(0, 1\\], got 1.5"),
       ("temperature", RolloutConfig, dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),

@@ -49,11 +49,11 @@ def _quickstart_configs():
   """The quickstart's policy and GRPO settings (gin/models/tiny.gin, gin/algos/grpo.gin)."""
   from jaxsearch.models.transformer import TransformerConfig  # noqa: PLC0415
   from jaxsearch.programs.search_agent.experiment import RunConfig  # noqa: PLC0415
-  from jaxsearch.train.steps import GRPOConfig  # noqa: PLC0415
+  from jaxsearch.train.steps import PolicyGradientConfig  # noqa: PLC0415
   model = TransformerConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=4,
                             num_kv_heads=2, mlp_dim=384, max_len=256)
-  grpo = GRPOConfig(prompts_per_step=8, num_generations=8, clip_eps=0.2, kl_coef=0.01,
-                    kl_kind="low_var_kl", advantage_scale="group", updates_per_batch=1)
+  grpo = PolicyGradientConfig(prompts_per_step=8, num_generations=8, clip_eps=0.2, kl_coef=0.01,
+                    kl_kind="low_var_kl", advantage_options={"scale": "group"}, updates_per_batch=1)
   return RunConfig(seed=SEED, tokenizer_vocab_size=1024, model=model), grpo
 
 
@@ -74,7 +74,7 @@ def _global_batch_numpy(exp, grpo, step: int):
                  & (np.arange(width + completion)[None] < width + lengths[:, None]))
   rewards = rng.integers(0, 2, b * g).astype(np.float32) + 0.1 * rng.random(b * g)
   advantages = np.asarray(losses.grpo_advantages(
-      rewards.astype(np.float32), np.repeat(np.arange(b), g), scale=grpo.advantage_scale))
+      rewards.astype(np.float32), np.repeat(np.arange(b), g), scale=grpo.advantage_options["scale"]))
   ref_logp = np.log(rng.uniform(0.05, 0.5, tokens.shape)).astype(np.float32)
   return tokens, policy_mask, advantages.astype(np.float32), ref_logp
 

@@ -114,17 +114,17 @@ class ResultsTest(absltest.TestCase):
     self.assertEqual(results.final_value(grpo, "rl_em"), 0.625)
     self.assertEqual(results.final_value(grpo, "rl/kl"), 0.04)      # last step's value
     self.assertEqual(results.final_value(rloo, "rl/reward"), 0.2)   # step 2 is the last
-    self.assertEqual(results.final_value(grpo, "rl.grpo.advantage"), "grpo")
+    self.assertEqual(results.final_value(grpo, "rl.algorithm.advantage"), "grpo")
     self.assertEqual(results.final_value(grpo, "rl.steps"), 4)
-    self.assertIsNone(results.final_value(grpo, "rl.grpo.missing"))
+    self.assertIsNone(results.final_value(grpo, "rl.algorithm.missing"))
     self.assertIsNone(results.final_value(rloo, "rl/kl"))
 
   def test_summary_table_layout(self):
     runs = results.load_runs([self.grpo, self.rloo])
     table = results.summary_table(runs, ["rl_em", "rl/kl", "num_eval_questions",
-                                         "rl.grpo.advantage"], digits=2)
+                                         "rl.algorithm.advantage"], digits=2)
     expected = "\n".join([
-        "run         rl_em  rl/kl  num_eval_questions  rl.grpo.advantage",
+        "run         rl_em  rl/kl  num_eval_questions  rl.algorithm.advantage",
         "----------  -----  -----  ------------------  -----------------",
         "grpo/seed0   0.62   0.04                  16               grpo",
         "rloo/seed0   0.50      -                   -                  -",

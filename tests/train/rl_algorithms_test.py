@@ -22,8 +22,10 @@ from jaxsearch.rollout.search_env import RolloutConfig
 from jaxsearch.programs.search_agent import loop
 from jaxsearch.programs.search_agent.experiment import RLConfig, RunConfig, SFTConfig
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
+from jaxsearch.train.rl_update import (RLBatch, RLState, jit_rl_update, make_rl_update_fn)
 from jaxsearch.train.state import TrainState
-from jaxsearch.train.steps import (CriticBatch, CriticConfig, GRPOConfig, init_critic_params,
+from jaxsearch.train import steps as steps_lib
+from jaxsearch.train.steps import (CriticBatch, CriticConfig, PolicyGradientConfig, init_critic_params,
                                    make_critic, make_critic_update_fn, make_gae_fn,
                                    outcome_token_rewards)
 from jaxsearch.programs.search_agent.workdir import config_to_json
@@ -55,7 +57,23 @@ def rl_batch(n=8, t=12, groups=4, seed=0):
   rewards = jnp.asarray(np.tile([1.0, 0.0], n // 2), jnp.float32)   # every group has variance
   group_ids = jnp.repeat(jnp.arange(groups, dtype=jnp.int32), n // groups)
   num_searches = jnp.asarray(rng.integers(0, 3, n), jnp.int32)
-  return loop.RLBatch(tokens, jnp.asarray(mask), rewards, group_ids, num_searches)
+  return RLBatch(tokens, jnp.asarray(mask), rewards, group_ids, num_searches)
+
+
+def make_update(config, critic=None, value_apply_fn=None, norm_length=None):
+  """The one jitted RL update of `config` (`rl_update.make_rl_update_fn`)."""
+  return jit_rl_update(make_rl_update_fn(apply_fn, config, critic=critic,
+                                         value_apply_fn=value_apply_fn,
+                                         norm_length=norm_length), None)
+
+
+def run_update(update, state, critic_state, ref_params, batch, train_policy=True):
+  """(policy state, critic state, metrics) after one update; the reference is copied (the
+  state is donated)."""
+  rl_state = RLState(policy=state, critic=critic_state,
+                     ref_params=jax.tree.map(jnp.copy, ref_params))
+  rl_state, m = update(rl_state, batch, train_policy)
+  return rl_state.policy, rl_state.critic, m
 
 
 def tree_equal(a, b):
@@ -64,18 +82,18 @@ def tree_equal(a, b):
 
 # KL only where it is the point (it costs a reference forward pass to compile).
 ALGOS = {
-    "grpo": GRPOConfig(num_generations=2, advantage="grpo", kl_coef=0.04),
-    "drgrpo": GRPOConfig(num_generations=2, advantage="drgrpo", agg="seq-mean-token-sum-norm",
+    "grpo": PolicyGradientConfig(num_generations=2, advantage="grpo", kl_coef=0.04),
+    "drgrpo": PolicyGradientConfig(num_generations=2, advantage="drgrpo", agg="seq-mean-token-sum-norm",
                          kl_coef=0.0),
-    "rloo": GRPOConfig(num_generations=2, advantage="rloo", kl_coef=0.0),
-    "reinforce_pp": GRPOConfig(num_generations=2, advantage="reinforce_pp", kl_coef=0.0),
-    "stratified": GRPOConfig(num_generations=2, advantage="stratified", kl_coef=0.0),
-    "grpo_llds": GRPOConfig(num_generations=2, llds_coef=0.5, llds_preserve="nonnegative",
+    "rloo": PolicyGradientConfig(num_generations=2, advantage="rloo", kl_coef=0.0),
+    "reinforce_pp": PolicyGradientConfig(num_generations=2, advantage="reinforce_pp", kl_coef=0.0),
+    "stratified": PolicyGradientConfig(num_generations=2, advantage="stratified", kl_coef=0.0),
+    "grpo_llds": PolicyGradientConfig(num_generations=2, llds_coef=0.5, llds_preserve="nonnegative",
                             updates_per_batch=2, kl_coef=0.0),
-    "gspo_dual_clip": GRPOConfig(num_generations=2, ratio_level="sequence", clip_eps=3e-4,
+    "gspo_dual_clip": PolicyGradientConfig(num_generations=2, ratio_level="sequence", clip_eps=3e-4,
                                  clip_eps_high=4e-4, dual_clip=3.0, entropy_coef=0.01,
                                  kl_coef=0.0),
-    "ppo": GRPOConfig(num_generations=2, advantage="gae", kl_coef=0.01),
+    "ppo": PolicyGradientConfig(num_generations=2, advantage="gae", kl_coef=0.01),
 }
 TELEMETRY = ("entropy", "kl", "clip_frac", "ratio_min", "ratio_max", "adv_mean", "adv_std",
              "zero_var_frac", "response_length", "loss", "grad_norm")
@@ -96,11 +114,11 @@ class AlgorithmUpdateTest(parameterized.TestCase):
       critic_state = TrainState.create(apply_fn=value_apply_fn, params=cparams,
                                        tx=make_optimizer(OptimizerConfig(learning_rate=1e-2)))
       critic = CriticConfig()
-    updater = loop.RLUpdater(apply_fn, config, critic=critic,
-                             value_apply_fn=critic_state.apply_fn if critic_state else None,
-                             norm_length=16)
+    update = make_update(config, critic=critic,
+                         value_apply_fn=critic_state.apply_fn if critic_state else None,
+                         norm_length=16)
     before_critic = None if critic_state is None else jax.tree.map(np.array, critic_state.params)
-    state, critic_state, m = updater(state, critic_state, params, batch)
+    state, critic_state, m = run_update(update, state, critic_state, params, batch)
     self.assertFalse(tree_equal(params, state.params))
     self.assertEqual(int(state.step), config.updates_per_batch)
     for key in TELEMETRY:
@@ -127,13 +145,14 @@ class AlgorithmUpdateTest(parameterized.TestCase):
     batch = rl_batch()
     for config, expected in ((ALGOS["grpo"], 1 / np.sqrt(2)), (ALGOS["rloo"], 1.0),
                              (ALGOS["drgrpo"], 0.5)):
-      updater = loop.RLUpdater(apply_fn, config)
-      adv = np.asarray(updater.adv_fn(batch.rewards, batch.group_ids, batch.num_searches))
+      adv = np.asarray(jax.jit(functools.partial(steps_lib.outcome_advantages, config))(
+          batch.rewards, batch.group_ids, batch.num_searches))
       np.testing.assert_allclose(adv, np.tile([expected, -expected], 4), rtol=1e-4)
     # Stratified with blend 1 and every row its own stratum: within-stratum advantages are 0.
-    config = GRPOConfig(num_generations=2, advantage="stratified", stratified_blend=1.0)
-    adv = loop.RLUpdater(apply_fn, config).adv_fn(batch.rewards, batch.group_ids,
-                                                  jnp.arange(8, dtype=jnp.int32))
+    config = PolicyGradientConfig(num_generations=2, advantage="stratified",
+                                  advantage_options={"blend": 1.0})
+    adv = steps_lib.outcome_advantages(config, batch.rewards, batch.group_ids,
+                                       jnp.arange(8, dtype=jnp.int32))
     np.testing.assert_allclose(adv, 0.0, atol=1e-6)
 
   def test_critic_warmup_leaves_the_policy_unchanged(self):
@@ -144,12 +163,11 @@ class AlgorithmUpdateTest(parameterized.TestCase):
     state = TrainState.create(apply_fn=apply_fn, params=jax.tree.map(jnp.copy, params), tx=tx)
     opt_before = jax.tree.map(np.array, state.opt_state)
     critic_state = TrainState.create(apply_fn=value_apply_fn, params=cparams, tx=tx)
-    updater = loop.RLUpdater(apply_fn, ALGOS["ppo"], critic=CriticConfig(),
-                             value_apply_fn=value_apply_fn)
+    update = make_update(ALGOS["ppo"], critic=CriticConfig(), value_apply_fn=value_apply_fn)
     critic_before = jax.tree.map(np.array, critic_state.params)
     for k in range(3):
-      state, critic_state, m = updater(state, critic_state, params, rl_batch(seed=k),
-                                       train_policy=False)
+      state, critic_state, m = run_update(update, state, critic_state, params,
+                                          rl_batch(seed=k), train_policy=False)
       self.assertEqual(float(m["critic_warmup"]), 1.0)
       self.assertNotIn("entropy", m)
     self.assertTrue(tree_equal(params, state.params))
@@ -250,11 +268,15 @@ class ConfigAndGinTest(parameterized.TestCase):
         (dict(llds_coef=0.1), "llds_coef=0.1 needs updates_per_batch >= 2"),
         (dict(ratio_level="row"), "ratio_level must be one of .* got 'row'"),
         (dict(dual_clip=1.0), "dual_clip must be None or > 1, got 1.0"),
-        (dict(stratified_blend=2.0), "stratified_blend must be in \\[0, 1\\], got 2.0"),
+        (dict(advantage="stratified", advantage_options={"blend": 2.0}),
+         "blend must be in \\[0, 1\\], got 2.0"),
+        (dict(advantage="rloo", advantage_options={"scale": "none"}),
+         "'rloo' has no options \\['scale'\\]; it accepts \\[\\]"),
+        (dict(micro_batch_size=3), "micro_batch_size \\(3\\) must divide"),
         (dict(llds_preserve="good"), "llds_preserve must be one of .* got 'good'"),
     ):
       with self.assertRaisesRegex(ValueError, message):
-        GRPOConfig(**kwargs)
+        PolicyGradientConfig(**kwargs)
     with self.assertRaisesRegex(ValueError, "lam must be in \\[0, 1\\], got 1.5"):
       CriticConfig(lam=1.5)
     with self.assertRaisesRegex(ValueError, "scalar head"):
@@ -277,10 +299,10 @@ class ConfigAndGinTest(parameterized.TestCase):
       finally:
         gin.clear_config()
       self.assertIsInstance(config, RunConfig)
-      self.assertEqual(config.rl.grpo.advantage, advantage)
-      self.assertEqual(config.rl.grpo.updates_per_batch, updates)
-      self.assertEqual(config.rl.grpo.llds_coef, llds)
-      self.assertEqual(config.rl.grpo.rows, 64)
+      self.assertEqual(config.rl.algorithm.advantage, advantage)
+      self.assertEqual(config.rl.algorithm.updates_per_batch, updates)
+      self.assertEqual(config.rl.algorithm.llds_coef, llds)
+      self.assertEqual(config.rl.algorithm.rows, 64)
       self.assertEqual(config.world.two_hop_fraction, two_hop)
       self.assertEqual(config.seed, 2)
       if critic:
@@ -288,7 +310,7 @@ class ConfigAndGinTest(parameterized.TestCase):
         self.assertEqual(config.rl.critic.optimizer.learning_rate, 5e-4)
         self.assertEqual(config.rl.optimizer.learning_rate, 2e-4)
       if name == "drgrpo":
-        self.assertEqual(config.rl.grpo.agg, "seq-mean-token-sum-norm")
+        self.assertEqual(config.rl.algorithm.agg, "seq-mean-token-sum-norm")
 
 
 TINY_WORLD = WorldConfig(num_people=60, num_distractors=20, train_size=100, validation_size=10,
@@ -298,7 +320,7 @@ TINY_WORLD = WorldConfig(num_people=60, num_distractors=20, train_size=100, vali
 def tiny_run_config(**rl_kwargs):
   # A 3-step SFT policy earns no reward: a random value head (init_scale) gives non-zero
   # values, hence non-zero advantages and value errors, so both networks do train.
-  rl = RLConfig(steps=3, grpo=GRPOConfig(prompts_per_step=4, num_generations=2,
+  rl = RLConfig(steps=3, algorithm=PolicyGradientConfig(prompts_per_step=4, num_generations=2,
                                          advantage="gae", kl_coef=0.01),
                 critic=CriticConfig(warmup_steps=1, head=ValueHeadConfig(init_scale=0.5)),
                 **rl_kwargs)
@@ -485,7 +507,7 @@ class CompareTableTest(absltest.TestCase):
                                  bindings=["RL_STEPS = 5"])
     self.assertIn("--gin_file=gin/algos/ppo.gin", cmd)
     self.assertIn("--gin_bindings=SEED = 1", cmd)
-    self.assertIn("--gin_bindings=steps.GRPOConfig.updates_per_batch = 2", cmd)
+    self.assertIn("--gin_bindings=steps.PolicyGradientConfig.updates_per_batch = 2", cmd)
     self.assertIn('--gin_bindings=experiment.RLConfig.init_from = "/tmp/o/runs/grpo/seed1"', cmd)
     self.assertLess(cmd.index("--gin_bindings=RL_STEPS = 5"), cmd.index("--gin_bindings=SEED = 1"))
 

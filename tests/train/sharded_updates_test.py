@@ -26,7 +26,7 @@ from jaxsearch.models.transformer import Transformer, TransformerConfig, init_ca
 from jaxsearch.rollout.sampler import SamplerConfig, left_pad, make_sampler
 from jaxsearch.train import sharding
 from jaxsearch.train.state import TrainState
-from jaxsearch.train.steps import (CriticBatch, CriticConfig, GRPOConfig, PolicyGradientBatch,
+from jaxsearch.train.steps import (CriticBatch, CriticConfig, PolicyGradientConfig, PolicyGradientBatch,
                                    init_critic_params, make_critic, make_critic_update_fn,
                                    make_gae_fn, make_policy_update_fn)
 
@@ -35,8 +35,8 @@ CFG = TransformerConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=8, nu
                         mlp_dim=64, max_len=32)
 MODEL = Transformer(CFG)
 N, T = 8, 12                                      # rows (divisible by data x fsdp), width
-GRPO = GRPOConfig(prompts_per_step=2, num_generations=4, kl_coef=0.04, entropy_coef=0.01)
-PPO = GRPOConfig(prompts_per_step=2, num_generations=4, advantage="gae", kl_coef=0.0)
+GRPO = PolicyGradientConfig(prompts_per_step=2, num_generations=4, kl_coef=0.04, entropy_coef=0.01)
+PPO = PolicyGradientConfig(prompts_per_step=2, num_generations=4, advantage="gae", kl_coef=0.0)
 CRITIC = CriticConfig()
 TX = optax.sgd(0.5, momentum=0.9)
 SAMPLER = SamplerConfig(max_new_tokens=8, temperature=1.0, top_k=20, num_samples=2)

@@ -14,7 +14,7 @@ from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
-from jaxsearch.train.steps import (GRPOConfig, PolicyGradientBatch, make_grpo_loss_fn,
+from jaxsearch.train.steps import (PolicyGradientConfig, PolicyGradientBatch, make_grpo_loss_fn,
                                    make_grpo_update_fn, make_policy_loss_fn, make_sft_update_fn,
                                    sequence_logprobs)
 from jaxsearch.types import SequenceBatch
@@ -58,7 +58,7 @@ class StepsTest(absltest.TestCase):
     params = init_params()
     tokens, mask, adv = random_batch(1)
     batch = PolicyGradientBatch(tokens, mask, adv, None, None)
-    loss_fn = make_grpo_loss_fn(apply_fn, GRPOConfig(kl_coef=0.0))
+    loss_fn = make_grpo_loss_fn(apply_fn, PolicyGradientConfig(kl_coef=0.0))
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch)[0]))(params)
 
     def reinforce(p):
@@ -73,7 +73,7 @@ class StepsTest(absltest.TestCase):
     params = init_params()
     tokens, mask, adv = random_batch(2)
     ref = sequence_logprobs(apply_fn, params, tokens)
-    loss_fn = make_grpo_loss_fn(apply_fn, GRPOConfig(kl_coef=0.5))
+    loss_fn = make_grpo_loss_fn(apply_fn, PolicyGradientConfig(kl_coef=0.5))
     _, at_ref = loss_fn(params, PolicyGradientBatch(tokens, mask, adv, None, ref))
     self.assertAlmostEqual(float(at_ref["kl"]), 0.0, places=6)
     other = sequence_logprobs(apply_fn, init_params(seed=7), tokens)
@@ -120,7 +120,7 @@ class StepsTest(absltest.TestCase):
     params = init_params()
     tokens, mask, adv = random_batch(5)
     batch = PolicyGradientBatch(tokens, mask, adv, None, None)
-    base = GRPOConfig(kl_coef=0.0)
+    base = PolicyGradientConfig(kl_coef=0.0)
     loss0, m0 = jax.jit(make_policy_loss_fn(apply_fn, base))(params, batch)
     logits = apply_fn({"params": params}, tokens)[:, :-1]
     p = jax.nn.softmax(logits, -1)
@@ -141,7 +141,7 @@ class StepsTest(absltest.TestCase):
     adv = jnp.array([1.0, -1.0, 0.0, 2.0, -0.5, 1.0, -2.0, 0.5])
     logp = sequence_logprobs(apply_fn, params, tokens)
     old = logp + 0.1      # every policy token's log-prob fell by 0.1 since the behaviour policy
-    base = GRPOConfig(kl_coef=0.0, updates_per_batch=2)
+    base = PolicyGradientConfig(kl_coef=0.0, updates_per_batch=2)
     batch = PolicyGradientBatch(tokens, mask, adv, old, None)
     loss0, _ = jax.jit(make_policy_loss_fn(apply_fn, base))(params, batch)
     for preserve, rows in (("all", np.ones(8, bool)), ("nonnegative", np.asarray(adv) >= 0)):
@@ -157,7 +157,7 @@ class StepsTest(absltest.TestCase):
     # seq-mean-token-sum-norm divides by a constant: padding columns change nothing.
     params = init_params()
     tokens, mask, adv = random_batch(7)
-    config = GRPOConfig(kl_coef=0.1, agg="seq-mean-token-sum-norm")
+    config = PolicyGradientConfig(kl_coef=0.1, agg="seq-mean-token-sum-norm")
     ref = sequence_logprobs(apply_fn, init_params(seed=9), tokens)
     fn = jax.jit(make_policy_loss_fn(apply_fn, config, norm_length=40))
     loss, _ = fn(params, PolicyGradientBatch(tokens, mask, adv, None, ref))
@@ -174,7 +174,7 @@ class StepsTest(absltest.TestCase):
     tokens, mask, adv = random_batch(4, n=16)
     ref = sequence_logprobs(apply_fn, params, tokens)
     batch = PolicyGradientBatch(tokens, mask, adv, None, ref)
-    update = make_grpo_update_fn(apply_fn, GRPOConfig(kl_coef=0.1))
+    update = make_grpo_update_fn(apply_fn, PolicyGradientConfig(kl_coef=0.1))
     # Plain SGD: Adam's first step is ~lr * sign(g), which amplifies float reduction-order noise
     # on near-zero gradient entries; SGD compares the gradients themselves.
     tx = optax.sgd(0.5)

@@ -34,14 +34,17 @@ from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_c
                                           stack_layer_params)
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.corpus import load_search_r1_corpus
-from jaxsearch.retrieval.http_tool import SearchClient, make_http_retrieve_fn
-from jaxsearch.retrieval.tool import SearchTool, build_search_tool, make_bm25_retrieve_fn
+from jaxsearch.generative.search_tool import GenerativeSearch
+from jaxsearch.retrieval.search_tools import (BM25Search, HttpSearch, SearchContext,
+                                             search_tool_from_dict)
+from jaxsearch.retrieval.tool import SearchTool, build_search_tool
 from jaxsearch.rewards.combine import weighted_rewards
 from jaxsearch.rollout.search_env import (EnvTokens, RolloutConfig, block_width,
                                           information_block, make_rollout_fn)
 from jaxsearch.train.optim import OptimizerConfig
+from jaxsearch.train import sharding
 from jaxsearch.train.sharding import MeshConfig
-from jaxsearch.train.steps import CriticConfig, GRPOConfig
+from jaxsearch.train.steps import CriticConfig, PolicyGradientConfig
 from jaxsearch.types import PyTree
 
 
@@ -79,11 +82,12 @@ class DataConfig:
       `RolloutConfig.max_len` with the prompt). Applies to the embedded world too.
   """
 
-  qa_train: str = ""
-  qa_validation: str = ""
-  qa_test: str = ""
-  corpus: str = ""
-  tfds_data_dir: str = ""
+  # Paths (field metadata "path"): run_config.json records them absolute.
+  qa_train: str = dataclasses.field(default="", metadata={"path": True})
+  qa_validation: str = dataclasses.field(default="", metadata={"path": True})
+  qa_test: str = dataclasses.field(default="", metadata={"path": True})
+  corpus: str = dataclasses.field(default="", metadata={"path": True})
+  tfds_data_dir: str = dataclasses.field(default="", metadata={"path": True})
   max_questions: int = 0
   max_passage_tokens: int = 0
 
@@ -167,6 +171,8 @@ class SFTConfig:
     num_demos: demonstrations built from the train split (cycled in seeded epochs).
     teacher: how noisy the teacher is.
     optimizer: optimizer settings.
+    micro_batch_size: rows per micro-batch of a step (gradient accumulation; 0: the whole
+      batch at once). Only memory changes: the accumulated gradient is the batch's.
   """
 
   steps: int = 800
@@ -174,10 +180,15 @@ class SFTConfig:
   num_demos: int = 2000
   teacher: demos.TeacherConfig = demos.TeacherConfig()
   optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, warmup_steps=30)
+  micro_batch_size: int = 0
 
   def __post_init__(self):
     if self.steps < 0:
       raise ValueError(f"SFTConfig.steps must be >= 0, got {self.steps}")
+    if self.micro_batch_size < 0 or (self.micro_batch_size
+                                     and self.batch_size % self.micro_batch_size):
+      raise ValueError(f"SFTConfig.micro_batch_size must be 0 or divide batch_size "
+                       f"({self.batch_size}), got {self.micro_batch_size}")
     for name in ("batch_size", "num_demos"):
       if getattr(self, name) < 1:
         raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -189,8 +200,9 @@ class RLConfig:
 
   Attributes:
     steps: RL updates (each on a fresh batch of B questions x G episodes).
-    grpo: the algorithm: advantage estimator and policy-loss options (`steps.GRPOConfig`).
-    critic: PPO's critic (used only with `grpo.advantage == "gae"`).
+    algorithm: the algorithm: advantage estimator and policy-loss options
+      (`steps.PolicyGradientConfig`; GRPO, its variants and PPO).
+    critic: PPO's critic (used only with `algorithm.advantage == "gae"`).
     optimizer: the policy's optimizer settings.
     reward_weights: reward name -> weight (names from `jaxsearch.rewards.REWARDS`).
     init_from: "" or the workdir of another run whose tokenizer and finished SFT checkpoint
@@ -198,16 +210,24 @@ class RLConfig:
   """
 
   steps: int = 150
-  grpo: GRPOConfig = GRPOConfig()
+  algorithm: PolicyGradientConfig = PolicyGradientConfig()
   critic: CriticConfig = CriticConfig()
   optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=5)
   reward_weights: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: {"exact_match": 1.0, "format": 0.1})
-  init_from: str = ""
+  init_from: str = dataclasses.field(default="", metadata={"path": True})
 
   def __post_init__(self):
     if self.steps < 0:
       raise ValueError(f"RLConfig.steps must be >= 0, got {self.steps}")
+
+  @staticmethod
+  def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config from before `grpo` was renamed `algorithm`."""
+    data = dict(data)
+    if "grpo" in data:
+      data["algorithm"] = data.pop("grpo")
+    return data
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -228,17 +248,11 @@ class RunConfig:
       "gguf:PATH"): the policy, its tokenizer and parameters come from the checkpoint (the
       agent's tags are added to its vocabulary).
     bm25: the search tool's BM25 parameters.
-    search_url: "" searches with the in-graph BM25 tool; otherwise the URL of a Search-R1-style
-      retrieval server (`python -m experiments.serve --corpus=world`, or Search-R1's own) that
-      serves the same corpus: each turn's searches go to it in one request from the host
-      (`jaxsearch.retrieval.http_tool`; timeouts and retries, a failing server gives empty
-      results and a logged error), and the returned ids select the local passages.
-    generative_retriever: "" or the workdir of a trained generative retriever
-      (`jaxsearch.programs.generative_retrieval.run`, e.g. `gin/experiments/dsi_world.gin`) over the same corpus:
-      each search is decoded into docIDs by its trie-constrained beam search
-      (`jaxsearch.generative.tool.GenerativeSearchClient`, on the host through a callback),
-      and the docIDs' documents are the passages shown. Exclusive with `search_url`.
-    generative_beam_size: the generative retriever's beam width (>= rollout.top_k).
+    search_tool: the search tool (`jaxsearch.retrieval.search_tools`): `BM25Search()` (in-graph
+      BM25 over token ids, the default), `HttpSearch(url=...)` (a Search-R1-style retrieval
+      server over the same corpus, e.g. `python -m experiments.serve --corpus=world`) or
+      `GenerativeSearch(workdir=..., beam_size=...)` (a trained DSI model over the same
+      corpus, `gin/experiments/dsi_world.gin`).
     rollout: sampling settings of RL rollouts.
     eval_temperature: sampling temperature at evaluation (0: greedy).
     eval_split: the held-out split reported in summary.json.
@@ -255,11 +269,9 @@ class RunConfig:
   data: DataConfig = DataConfig()
   tokenizer_vocab_size: int = 1024
   model: TransformerConfig = TransformerConfig(vocab_size=1024)
-  pretrained: str = ""
+  pretrained: str = dataclasses.field(default="", metadata={"path": "spec"})  # "gguf:PATH"
   bm25: BM25Config = BM25Config()
-  search_url: str = ""
-  generative_retriever: str = ""
-  generative_beam_size: int = 10
+  search_tool: BM25Search | HttpSearch | GenerativeSearch = BM25Search()
   rollout: RolloutConfig = RolloutConfig()
   eval_temperature: float = 0.0
   eval_split: str = "test"
@@ -276,14 +288,27 @@ class RunConfig:
     for name in ("eval_batch_size", "checkpoint_every", "tokenizer_vocab_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
-    if self.search_url and self.generative_retriever:
-      raise ValueError("RunConfig.search_url and RunConfig.generative_retriever are exclusive "
-                       f"(got {self.search_url!r} and {self.generative_retriever!r}): pick one "
-                       "search tool")
-    if self.generative_retriever and self.generative_beam_size < self.rollout.top_k:
-      raise ValueError(f"RunConfig.generative_beam_size ({self.generative_beam_size}) must be "
-                       f">= RolloutConfig.top_k ({self.rollout.top_k}): the beam holds the "
+    # A saved config (run_config.json) names its tool by kind.
+    object.__setattr__(self, "search_tool", search_tool_from_dict(self.search_tool))
+    beam = getattr(self.search_tool, "beam_size", None)
+    if beam is not None and beam < self.rollout.top_k:
+      raise ValueError(f"{type(self.search_tool).__name__}.beam_size ({beam}) must be >= "
+                       f"RolloutConfig.top_k ({self.rollout.top_k}): the beam holds the "
                        "documents returned")
+
+  @staticmethod
+  def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config from before search tools were configs (`search_url`,
+    `generative_retriever`, `generative_beam_size`)."""
+    data = dict(data)
+    url = data.pop("search_url", "")
+    workdir = data.pop("generative_retriever", "")
+    beam = data.pop("generative_beam_size", 10)
+    if url:
+      data["search_tool"] = {"kind": "http", "url": url}
+    elif workdir:
+      data["search_tool"] = {"kind": "generative", "workdir": workdir, "beam_size": beam}
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +343,26 @@ class Experiment:
       return params, nn.get_partition_spec(boxed)
     boxed = self.model.init(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+  def init_sharded_params(self, rng: jax.Array, mesh) -> tuple[PyTree, PyTree]:
+    """`init_params`, born sharded over `mesh`: the abstract shapes give the shardings, a
+    jitted init writes each device's shard only (a checkpoint's weights are placed shard by
+    shard). Call under `jax.set_mesh(mesh)` and the logical-axis rules.
+
+    Returns:
+      `(params, logical_specs)`.
+    """
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens = jnp.zeros((rows, 8), jnp.int32)
+    boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
+    specs = nn.get_partition_spec(boxed)
+    shardings = sharding.param_shardings(specs, mesh)
+    if self.pretrained_params is not None:
+      params, _ = self.init_params(rng)
+      return jax.device_put(params, shardings), specs
+    params = jax.jit(lambda key: nn.meta.unbox(self.model.init(key, tokens)["params"]),
+                     out_shardings=shardings)(rng)
+    return params, specs
 
   def apply_fn(self, variables, tokens):
     return self.model.apply(variables, tokens)
@@ -393,16 +438,9 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
   tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab, bm25=config.bm25,
                            ignore_ids=env.special_ids,
                            max_passage_tokens=config.data.max_passage_tokens or None)
-  retrieve_fn = make_bm25_retrieve_fn(vocab, config.rollout.top_k, env.special_ids)
-  if config.search_url:
-    retrieve_fn = make_http_retrieve_fn(SearchClient(config.search_url), tokenizer,
-                                        [d.doc_id for d in world.documents], config.rollout.top_k)
-  if config.generative_retriever:
-    from jaxsearch.generative.tool import GenerativeSearchClient  # noqa: PLC0415
-    client = GenerativeSearchClient.from_workdir(config.generative_retriever,
-                                                 beam_size=config.generative_beam_size)
-    retrieve_fn = make_http_retrieve_fn(client, tokenizer, [d.doc_id for d in world.documents],
-                                        config.rollout.top_k)
+  retrieve_fn = config.search_tool.build(SearchContext(
+      tokenizer=tokenizer, vocab_size=vocab, doc_ids=[d.doc_id for d in world.documents],
+      top_k=config.rollout.top_k, special_ids=env.special_ids))
 
   def decode_fn(params, tokens, cache, index):
     return model.apply({"params": params}, tokens, cache, index, method=Transformer.decode)

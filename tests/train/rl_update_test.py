@@ -1,0 +1,197 @@
+"""The one pure RL update (`rl_update.make_rl_update_fn`) against the same step done by hand
+with the pure loss functions; micro-batched gradients against full-batch ones; the reference
+and behaviour log-probs coming from the right parameters."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from flax import linen as nn
+
+from jaxsearch import losses
+from jaxsearch.models.transformer import Transformer, TransformerConfig
+from jaxsearch.train import steps
+from jaxsearch.train.rl_update import RLBatch, RLState, jit_rl_update, make_rl_update_fn
+from jaxsearch.train.state import TrainState
+from jaxsearch.types import SequenceBatch
+
+V = 32
+CFG = TransformerConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        mlp_dim=32, max_len=16)
+MODEL = Transformer(CFG)
+
+
+def apply_fn(variables, tokens):
+  return MODEL.apply(variables, tokens)
+
+
+def init(seed):
+  return nn.meta.unbox(MODEL.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+
+
+def batch(n=8, t=10, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(1, V, (n, t)), jnp.int32)
+  mask = np.zeros((n, t), bool)
+  mask[:, 2:5] = True
+  mask[:, 7:] = True
+  mask[0, 8:] = False
+  mask[5, :] = False            # a row without policy tokens (a micro-batch weight edge case)
+  rewards = jnp.asarray(rng.random(n), jnp.float32)     # groups of different spreads
+  group_ids = jnp.repeat(jnp.arange(n // 2, dtype=jnp.int32), 2)
+  return RLBatch(tokens, jnp.asarray(mask), rewards, group_ids,
+                 jnp.asarray(rng.integers(0, 3, n), jnp.int32))
+
+
+def logp_of(params, tokens):
+  logits = apply_fn({"params": params}, tokens[:, :-1])
+  return jnp.pad(losses.token_logprobs(logits, tokens[:, 1:]), ((0, 0), (1, 0)))
+
+
+def copy(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def k3(logp, ref, mask):
+  d = np.where(mask, np.asarray(ref) - np.asarray(logp), 0.0)
+  return (np.exp(d) - d - 1.0)[mask].mean()
+
+
+class RLUpdateTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.policy = init(0)
+    self.ref = init(1)            # reference != policy: a swap of the two must show
+
+  def state(self, tx, params=None):
+    return TrainState.create(apply_fn=apply_fn, params=copy(self.policy if params is None
+                                                            else params), tx=tx)
+
+  def test_kl_metric_is_k3_of_policy_against_reference(self):
+    config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=0.1)
+    b = batch()
+    update = jit_rl_update(make_rl_update_fn(apply_fn, config), None)
+    _, m = update(RLState(policy=self.state(optax.sgd(0.1)), critic=None,
+                          ref_params=copy(self.ref)), b, True)
+    expected = k3(logp_of(self.policy, b.tokens), logp_of(self.ref, b.tokens),
+                  np.asarray(b.policy_mask))
+    self.assertGreater(expected, 1e-3)
+    np.testing.assert_allclose(m["kl"], expected, rtol=1e-4)
+
+  def test_behaviour_logprobs_are_the_policys_before_the_step(self):
+    # With a zero learning rate the parameters never move, so every update of the batch sees
+    # ratio 1 exactly when the behaviour log-probs came from the policy (not the reference).
+    config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=0.1,
+                                        updates_per_batch=2)
+    update = jit_rl_update(make_rl_update_fn(apply_fn, config), None)
+    _, m = update(RLState(policy=self.state(optax.sgd(0.0)), critic=None,
+                          ref_params=copy(self.ref)), batch(), True)
+    np.testing.assert_allclose([m["ratio_min"], m["ratio_max"]], [1.0, 1.0], atol=1e-6)
+    self.assertGreater(float(m["kl"]), 1e-3)
+
+  @parameterized.named_parameters(("full_batch", 0), ("micro_batches", 2))
+  def test_one_call_equals_the_step_by_hand(self, micro):
+    lr, clip, kl_coef = 0.5, 0.2, 0.05
+    config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=kl_coef,
+                                        clip_eps=clip, updates_per_batch=2,
+                                        micro_batch_size=micro)
+    b = batch(seed=3)
+    update = jit_rl_update(make_rl_update_fn(apply_fn, config), None)
+    out, m = update(RLState(policy=self.state(optax.sgd(lr)), critic=None,
+                            ref_params=copy(self.ref)), b, True)
+    out, m = jax.block_until_ready((out, m))
+    self.assertEqual(update._cache_size(), 1)       # one compiled program for the whole step
+    # By hand, full batch: GRPO advantages, reference and behaviour log-probs from the right
+    # parameters, two plain gradient steps of the pure loss.
+    adv = losses.grpo_advantages(b.rewards, b.group_ids)
+    ref_logp, old_logp = logp_of(self.ref, b.tokens), logp_of(self.policy, b.tokens)
+
+    def loss(p):
+      return losses.grpo_loss(logp_of(p, b.tokens), old_logp, ref_logp, adv, b.policy_mask,
+                              clip_eps=clip, kl_coef=kl_coef)[0]
+
+    params = self.policy
+    for _ in range(2):
+      grads = jax.grad(loss)(params)
+      params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    chex_close = functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6)
+    jax.tree.map(chex_close, out.policy.params, params)
+    self.assertEqual(int(out.policy.step), 2)
+    self.assertFalse(np.allclose(out.policy.params["embed"]["embedding"],
+                                 self.policy["embed"]["embedding"]))
+    # The reference is untouched.
+    jax.tree.map(np.testing.assert_array_equal, out.ref_params, self.ref)
+
+
+class MicroBatchTest(parameterized.TestCase):
+
+  @parameterized.product(agg=list(losses.AGG_MODES), micro=[2, 4])
+  def test_accumulated_gradient_equals_the_full_batch_gradient(self, agg, micro):
+    config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, agg=agg,
+                                        kl_coef=0.05, entropy_coef=0.01)
+    loss_fn = steps.make_policy_loss_fn(apply_fn, config, norm_length=12)
+    b = batch(seed=5)
+    params = init(0)
+    pg = steps.PolicyGradientBatch(b.tokens, b.policy_mask,
+                                   losses.grpo_advantages(b.rewards, b.group_ids),
+                                   logp_of(init(2), b.tokens), logp_of(init(1), b.tokens))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pg)
+    (mloss, maux), mgrads = jax.jit(functools.partial(
+        steps.accumulate_gradients, loss_fn, micro_batch_size=micro,
+        weights_fn=lambda mb: steps.agg_shares(mb.policy_mask, agg)))(params, pg)
+    np.testing.assert_allclose(mloss, loss, rtol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 mgrads, grads)
+    np.testing.assert_allclose(maux["ratio_max"], aux["ratio_max"], rtol=1e-6)
+    np.testing.assert_allclose(maux["ratio_min"], aux["ratio_min"], rtol=1e-6)
+    if agg == "token-mean":     # token-weighted means of token means are the batch's
+      np.testing.assert_allclose(maux["entropy"], aux["entropy"], rtol=1e-5)
+
+  def test_sft_update_with_micro_batches_equals_the_full_batch(self):
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, V, (8, 10)), jnp.int32)
+    mask = jnp.asarray(rng.random((8, 10)) < 0.6)
+    b = SequenceBatch(tokens, mask)
+    results = []
+    for micro in (0, 2):
+      state = TrainState.create(apply_fn=apply_fn, params=init(0), tx=optax.sgd(0.5))
+      results.append(jax.jit(steps.make_sft_update_fn(apply_fn, micro_batch_size=micro))(
+          state, b))
+    (full, fm), (acc, am) = results
+    np.testing.assert_allclose(am["loss"], fm["loss"], rtol=1e-5)
+    np.testing.assert_allclose(am["token_accuracy"], fm["token_accuracy"], rtol=1e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 acc.params, full.params)
+
+  def test_micro_batches_are_strided(self):
+    x = jnp.arange(8)
+    np.testing.assert_array_equal(steps.micro_batches(x, 4), [[0, 4], [1, 5], [2, 6], [3, 7]])
+    with self.assertRaisesRegex(ValueError, "cannot be split into 3"):
+      steps.micro_batches(x, 3)
+
+
+class NormLengthTest(absltest.TestCase):
+
+  def test_config_norm_length_wins_over_the_argument(self):
+    b = batch(seed=7)
+    pg = steps.PolicyGradientBatch(b.tokens, b.policy_mask,
+                                   losses.grpo_advantages(b.rewards, b.group_ids), None, None)
+    params = init(0)
+    logp = logp_of(params, b.tokens)
+    for config_norm, arg_norm, used in ((0, 16, 16), (40, 16, 40), (0, None, b.tokens.shape[1])):
+      config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=0.0,
+                                          agg="seq-mean-token-sum-norm",
+                                          norm_length=config_norm)
+      loss, _ = steps.make_policy_loss_fn(apply_fn, config, norm_length=arg_norm)(params, pg)
+      expected, _ = losses.grpo_loss(logp, None, None, pg.advantages, b.policy_mask,
+                                     kl_coef=0.0, agg="seq-mean-token-sum-norm",
+                                     norm_length=used)
+      np.testing.assert_allclose(loss, expected, rtol=1e-6, err_msg=str((config_norm, arg_norm)))
+      self.assertNotAlmostEqual(float(expected), 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
