@@ -17,7 +17,7 @@ The scaling path is JAX's own (what used to be pjit):
   - `assert_sharded`: fails when a large parameter ended up fully replicated;
   - `compile_report`: ahead-of-time `lower(...).compile()` on `jax.ShapeDtypeStruct` inputs,
     giving per-device memory (`memory_analysis()`) and FLOPs (`cost_analysis()`);
-  - `PEAK_FLOPS`, `peak_flops`, `mfu`, `transformer_flops_per_token`,
+  - `PEAK_FLOPS`, `peak_flops`, `mfu`, `transformer_flops_per_token`, `cpu_peak_flops`,
     `measure_cpu_peak_flops`: model FLOPs utilisation.
 
 MFU = model FLOPs per token x tokens per second / (peak FLOP/s per device x devices). Model
@@ -44,7 +44,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import platform
 import time
 from typing import Any, Callable, Sequence
 
@@ -483,11 +486,14 @@ def compile_report(jitted_fn: Callable, *abstract_args, **abstract_kwargs) -> di
 # sheets. `peak_flops` matches a device's `device_kind` to the longest key it starts with.
 # TPU device kinds: v4 "TPU v4"; v5e "TPU v5 lite"; v5p "TPU v5" (some runtimes "TPU v5p");
 # v6e "TPU v6 lite". GPUs: "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200", ...
-# "cpu" is MEASURED, not a data sheet: float32 (CPUs have no fast bf16 path) 1024 x 1024
-# matmuls, best of 5, with `measure_cpu_peak_flops()` on this project's 2-core development
-# machine (~100 GFLOP/s, shared with other jobs). It is the figure for the whole host: fake
-# CPU devices (`--xla_force_host_platform_device_count`) share the same cores, so pass
-# num_devices=1 per host to `mfu` on CPU, and re-measure on another machine.
+# A CPU is not in the table: `peak_flops("cpu")` is `cpu_peak_flops()`, this host's float32
+# peak (CPUs have no fast bf16 path) worked out from the cores this process may use, their
+# vector units and clock (and never below what a matmul probe measures here). It is the
+# figure for the whole host: fake CPU devices (`--xla_force_host_platform_device_count`)
+# share the same cores, so pass num_devices=1 per host to `mfu` on CPU.
+# The fixed figure used before (1024 x 1024 float32 matmuls, best of 5, on the project's
+# 2-core development machine while shared with other jobs); kept for the benchmark's
+# comparison. A quiet 2-core machine beats it (the quickstart's SFT logged mfu=1.43).
 CPU_MEASURED_PEAK_FLOPS = 1.0e11
 PEAK_FLOPS: dict[str, float] = {
     "TPU v4": 275e12,
@@ -503,12 +509,101 @@ PEAK_FLOPS: dict[str, float] = {
     "NVIDIA GH200": 989e12,
     "NVIDIA H200": 989e12,          # same tensor cores as the H100 SXM, more and faster HBM
     "NVIDIA H200 NVL": 835e12,
-    "cpu": CPU_MEASURED_PEAK_FLOPS,
 }
 
 
+def cpu_cores() -> int:
+  """CPU cores this process may run on: its affinity mask (else `os.cpu_count()`), capped by
+  a cgroup v2 CPU quota (a container's `--cpus`)."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    cores = os.cpu_count() or 1
+  try:
+    with open("/sys/fs/cgroup/cpu.max") as f:
+      quota, period = f.read().split()[:2]
+    if quota != "max":
+      cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+  except (OSError, ValueError):
+    pass
+  return max(cores, 1)
+
+
+def cpu_flops_per_cycle(flags: Sequence[str], machine: str = "x86_64") -> int:
+  """Peak float32 FLOPs per cycle of one core, from its instruction-set flags: two fused
+  multiply-add pipes of the widest vector unit (AVX-512: 2 x 16 x 2 = 64; AVX2 + FMA: 32;
+  AVX without FMA, one add and one multiply pipe of 8 lanes: 16; SSE: 8; Arm NEON: 2 x 4 x 2 =
+  16). An upper bound: a core with a single AVX-512 pipe reaches half.
+
+  Example:
+    >>> cpu_flops_per_cycle(["sse2", "avx", "avx2", "fma"])
+    32
+  """
+  flags = {f.lower() for f in flags}
+  if machine.lower() in ("aarch64", "arm64"):
+    return 16
+  if "avx512f" in flags:
+    return 64
+  if "avx2" in flags and "fma" in flags:
+    return 32
+  if "avx" in flags:
+    return 16
+  return 8
+
+
+def _cpuinfo() -> tuple[list[str], float]:
+  """(instruction-set flags, clock in GHz) of this host; ([], 0) where unknown."""
+  flags, mhz = [], 0.0
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features") and not flags:
+          flags = value.split()
+        elif key == "cpu mhz":
+          mhz = max(mhz, float(value))
+  except (OSError, ValueError):
+    pass
+  try:   # the maximum (boost) clock, where the kernel exposes it
+    with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+      mhz = max(mhz, int(f.read()) / 1e3)
+  except (OSError, ValueError):
+    pass
+  return flags, mhz / 1e3
+
+
+def theoretical_cpu_peak_flops(cores: int | None = None, ghz: float | None = None,
+                               flops_per_cycle: int | None = None) -> float:
+  """cores x float32 FLOPs per cycle per core x clock: this host's float32 peak FLOP/s
+  (arguments left None are read from the host; an unknown clock counts as 3 GHz).
+
+  Example:
+    >>> theoretical_cpu_peak_flops(cores=2, ghz=2.5, flops_per_cycle=32)   # 1.6e11
+  """
+  flags, host_ghz = _cpuinfo()
+  cores = cpu_cores() if cores is None else cores
+  ghz = (host_ghz or 3.0) if ghz is None else ghz
+  if flops_per_cycle is None:
+    flops_per_cycle = cpu_flops_per_cycle(flags, platform.machine())
+  return float(cores * flops_per_cycle * ghz * 1e9)
+
+
+@functools.cache
+def cpu_peak_flops() -> float:
+  """This host's float32 peak FLOP/s, the denominator of MFU on CPU (`peak_flops("cpu")`).
+
+  `theoretical_cpu_peak_flops()` (the cores this process may use, their vector units, the
+  clock the kernel reports), raised to what a 1024 x 1024 matmul probe measures
+  (`measure_cpu_peak_flops`) if that is higher, e.g. a boost clock above the reported one.
+  Worked out once per process (the probe takes well under a second).
+  """
+  return max(theoretical_cpu_peak_flops(), measure_cpu_peak_flops(n=1024, repeats=3))
+
+
 def peak_flops(device_kind: str) -> float:
-  """Peak dense bf16 FLOP/s of one device of `device_kind` (`jax.devices()[0].device_kind`).
+  """Peak dense bf16 FLOP/s of one device of `device_kind` (`jax.devices()[0].device_kind`);
+  for "cpu", this host's float32 peak (`cpu_peak_flops`).
 
   Raises:
     ValueError: an unknown device kind (pass `peak=` to `mfu`, or add it to `PEAK_FLOPS`).
@@ -517,20 +612,21 @@ def peak_flops(device_kind: str) -> float:
     >>> peak_flops("NVIDIA H100 80GB HBM3")   # 989e12
   """
   kind = device_kind.strip().lower()
+  if kind == "cpu":
+    return cpu_peak_flops()
   matches = [k for k in PEAK_FLOPS if kind == k.lower() or kind.startswith(k.lower() + " ")
              or kind.startswith(k.lower() + "-")]
   if not matches:
     raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}; known: "
-                     f"{sorted(PEAK_FLOPS)} (pass peak= explicitly)")
+                     f"{sorted([*PEAK_FLOPS, 'cpu'])} (pass peak= explicitly)")
   return PEAK_FLOPS[max(matches, key=len)]
 
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
   """FLOP/s of a jitted `n x n` matmul on the first CPU device, best of `repeats`.
 
-  The CPU entry of `PEAK_FLOPS` comes from this probe (float32, n=1024): an achievable
-  peak of XLA's CPU matmul on this host, a fair denominator for MFU on CPU. It takes well
-  under a second.
+  An achievable rate of XLA's CPU matmul on this host (float32), which `cpu_peak_flops`
+  never goes below. It takes well under a second at n=1024.
 
   Returns:
     2 n^3 / (best seconds per matmul).

@@ -3,6 +3,7 @@ import glob
 import os
 import re
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +225,7 @@ class CompileReportTest(absltest.TestCase):
     self.assertEqual(report["flops_per_device"], 32 * 16)
 
 
-class FlopsTest(absltest.TestCase):
+class FlopsTest(parameterized.TestCase):
 
   def test_transformer_flops_hand_computed(self):
     # CFG: V=64, D=32, L=2, H=8, Hkv=4, hd=4, F=64. Per layer q 32*8*4 + k,v 2*32*4*4
@@ -261,7 +262,7 @@ class FlopsTest(absltest.TestCase):
     self.assertEqual(sharding.peak_flops("NVIDIA H100 80GB HBM3"), 989e12)
     self.assertEqual(sharding.peak_flops("NVIDIA H100 PCIe"), 756e12)
     self.assertEqual(sharding.peak_flops("NVIDIA H200"), 989e12)
-    self.assertEqual(sharding.peak_flops("cpu"), sharding.CPU_MEASURED_PEAK_FLOPS)
+    self.assertEqual(sharding.peak_flops("cpu"), sharding.cpu_peak_flops())
     with self.assertRaisesRegex(ValueError, "'TPU v9'"):
       sharding.peak_flops("TPU v9")
     # 1e9 FLOPs/token x 1e5 tokens/s = 1e14 FLOP/s over 2 x 989e12.
@@ -275,6 +276,50 @@ class FlopsTest(absltest.TestCase):
     flops = sharding.measure_cpu_peak_flops(n=256, repeats=2)
     # A 2 n^3 matmul on any CPU of the last decade: between 0.1 GFLOP/s and 100 TFLOP/s.
     self.assertTrue(1e8 < flops < 1e14, flops)
+
+  @parameterized.named_parameters(
+      ("avx512", ["sse2", "avx", "avx2", "fma", "avx512f"], "x86_64", 64),   # 2 x 16 x 2
+      ("avx2_fma", ["sse2", "avx", "avx2", "fma"], "x86_64", 32),             # 2 x 8 x 2
+      ("avx2_without_fma", ["sse2", "avx", "avx2"], "x86_64", 16),            # add + mul
+      ("sse", ["sse2"], "x86_64", 8),
+      ("neon", ["fp", "asimd"], "aarch64", 16))                               # 2 x 4 x 2
+  def test_cpu_flops_per_cycle(self, flags, machine, want):
+    self.assertEqual(sharding.cpu_flops_per_cycle(flags, machine), want)
+
+  def test_cpu_peak_is_this_hosts(self):
+    # 2 cores x 32 FLOPs per cycle x 2.5 GHz.
+    self.assertEqual(sharding.theoretical_cpu_peak_flops(cores=2, ghz=2.5, flops_per_cycle=32),
+                     1.6e11)
+    self.assertEqual(sharding.theoretical_cpu_peak_flops(cores=1, ghz=2.5, flops_per_cycle=32),
+                     8e10)
+    self.assertBetween(sharding.cpu_cores(), 1, os.cpu_count())
+    peak = sharding.peak_flops("cpu")
+    self.assertGreaterEqual(peak, sharding.theoretical_cpu_peak_flops())
+    self.assertGreaterEqual(peak, sharding.measure_cpu_peak_flops(n=256, repeats=2))
+    self.assertEqual(sharding.peak_flops("cpu"), peak)   # once per process
+
+  def test_quickstart_sft_mfu_is_below_one(self):
+    # gin/models/tiny.gin with the quickstart's tokenizer and SFT batch (32 rows).
+    cfg = TransformerConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=4,
+                            num_kv_heads=2, mlp_dim=384, max_len=256)
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (32, 128), 3, cfg.vocab_size)
+    params = model.init(jax.random.key(1), tokens[:, :-1])["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params,
+                              tx=make_optimizer(OptimizerConfig(), 10))
+    update = jax.jit(make_sft_update_fn(model.apply))
+    batch = SequenceBatch(tokens, jnp.ones(tokens.shape, bool))
+    state, m = update(state, batch)
+    jax.block_until_ready(m)
+    best = float("inf")
+    for _ in range(3):
+      t0 = time.perf_counter()
+      state, m = update(state, batch)
+      jax.block_until_ready(m)
+      best = min(best, time.perf_counter() - t0)
+    flops = tokens.size * sharding.transformer_flops_per_token(cfg, tokens.shape[1])
+    mfu = flops / best / sharding.peak_flops("cpu")
+    self.assertBetween(mfu, 1e-4, 1.0)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
