@@ -50,11 +50,42 @@ def parse_gin(files, bindings, search_paths=()):
                               f"{REPO_ROOT}); pass a path like gin/experiments/quickstart.gin")
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
+  except ImportError as e:
+    fix = explain_moved_module(e)
+    if not fix:
+      raise
+    raise ImportError(f"{e}\n  Fix: {fix}") from e
   except (ValueError, OSError) as e:
     fix = explain_gin_error(e)
     if not fix:
       raise
     raise (ValueError if isinstance(e, ValueError) else OSError)(f"{e}\n  Fix: {fix}") from e
+
+
+# Modules a gin file may still import under their names before the layers were reshaped.
+MOVED_MODULES = {
+    "jaxsearch.train.loop": "from jaxsearch.programs.search_agent import loop",
+    "jaxsearch.train.experiment": "from jaxsearch.programs.search_agent import experiment",
+    "jaxsearch.train.evaluate": "from jaxsearch.programs.search_agent import evaluate",
+    "jaxsearch.train.workdir": "from jaxsearch.programs.search_agent import workdir",
+    "jaxsearch.train.inspect_lib": "from jaxsearch.programs.search_agent import inspect_lib",
+    "jaxsearch.train.reward_model": "from jaxsearch.programs import reward_model",
+    "jaxsearch.train.dense_retriever": "from jaxsearch.programs import dense_retriever",
+    "jaxsearch.train.realm": "from jaxsearch.programs import realm",
+    "jaxsearch.train.dsi": "from jaxsearch.programs import generative_retrieval (and bind "
+                           "generative_retrieval.DSIConfig / generative_retrieval.run)",
+    "jaxsearch.train.dense": "from jaxsearch.train import dual_encoder",
+    "jaxsearch.retrieval.dense": "from jaxsearch.retrieval import mips",
+}
+
+
+def explain_moved_module(error: ImportError) -> str:
+  """How to import a module that moved (`MOVED_MODULES`); "" for any other import error."""
+  name = getattr(error, "name", None) or ""
+  for old, new in MOVED_MODULES.items():
+    if name == old or f"'{old}'" in str(error):
+      return f"{old} moved: write `{new}` in the gin file (see the README's Layout)"
+  return ""
 
 
 def explain_gin_error(error: Exception) -> str:
@@ -225,7 +256,8 @@ def config_summary(name: str, files, bindings, workdir: str, log_path: str | Non
       value = getattr(obj, f.name)
       if dataclasses.is_dataclass(value) and not isinstance(value, type):
         walk(value, f"{prefix}{f.name}.")
-      elif f.name in SUMMARY_FIELDS and value not in ("", None):
+      elif (f.name in SUMMARY_FIELDS and value not in ("", None)
+            and not (prefix and f.name == "seed")):   # nested seeds follow the top one
         items.append(f"{prefix}{f.name}={value}")
 
   if dataclasses.is_dataclass(config) and not isinstance(config, type):

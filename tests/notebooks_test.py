@@ -760,7 +760,7 @@ class GenerativeRetrievalNotebookTest(absltest.TestCase):
     decoded = DECODED_LINE.findall(self.cell_with("constrained search (* = relevant)"))[:3]
     self.assertEqual([h[2] for h in unseen_hits], [d[5] for d in decoded])
     self.assertEqual([h[3] for h in unseen_hits], [d[3] for d in decoded])
-    self.assertIn(f'experiment.RunConfig.generative_retriever = "{self.workdir}"', self.text)
+    self.assertIn(f'search_tool.GenerativeSearch.workdir = "{self.workdir}"', self.text)
 
   def test_diffusion_sweep(self):
     self.assertIn("64 passages, K = 10, L = 3 slots", self.text)   # 2 digits + END

@@ -45,11 +45,15 @@ Example:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-KINDS = ("atomic", "naive", "semantic", "rq", "hypernym")
+from jaxsearch.registry import Registry
+
+# The docID builders by kind, each `(its inputs by name) -> DocIds`; `build_docids` calls one.
+DOCID_BUILDERS: Registry[Callable[..., "DocIds"]] = Registry("docID kind")
 
 
 class DocIds(NamedTuple):
@@ -447,3 +451,32 @@ def docid_strings(docids: DocIds) -> list[str]:
   """
   codes, lengths = np.asarray(docids.codes), np.asarray(docids.lengths)
   return ["-".join(str(int(c)) for c in row[:n]) for row, n in zip(codes, lengths)]
+
+
+DOCID_BUILDERS.register("atomic")(atomic_docids)
+DOCID_BUILDERS.register("naive")(naive_docids)
+DOCID_BUILDERS.register("semantic")(semantic_docids)
+DOCID_BUILDERS.register("rq")(rq_docids)
+DOCID_BUILDERS.register("hypernym")(hypernym_docids)
+KINDS = ("atomic", "naive", "semantic", "rq", "hypernym")   # the registered kinds, in table order
+
+
+def build_docids(kind: str, inputs: Mapping[str, Any]) -> DocIds:
+  """The docIDs of `kind` (a name of `DOCID_BUILDERS`), from whichever of `inputs` its builder
+  takes (matched by parameter name: `n`, `base`, `embeddings`, `k`, `c`, `levels`,
+  `codebook_size`, `seed`, `paths`, ...). A callable input is called only if the builder
+  takes it (e.g. embeddings computed only for "semantic" / "rq").
+
+  Example:
+    >>> build_docids("naive", {"n": 12, "base": 10, "embeddings": lambda: 1 / 0}).codes[11]
+    array([1, 1], dtype=int32)
+  """
+  fn = DOCID_BUILDERS.get(kind)
+  params = inspect.signature(fn).parameters
+  missing = [name for name, p in params.items()
+             if p.default is inspect.Parameter.empty and name not in inputs]
+  if missing:
+    raise ValueError(f"docID kind {kind!r} needs inputs {missing}; got {sorted(inputs)}")
+  kwargs = {name: (value() if callable(value) else value)
+            for name, value in inputs.items() if name in params}
+  return fn(**kwargs)

@@ -12,7 +12,8 @@ policy's, so the policy's query tokens are turned back into text on the host and
 retrieval server, and `jaxsearch.retrieval.http_tool.make_http_retrieve_fn` (a
 `jax.pure_callback` from inside the compiled rollout) turns any such client into the
 rollout's `retrieve_fn`. The agent chooses it from gin with
-`RunConfig.generative_retriever = "<DSI workdir>"`.
+`RunConfig.search_tool = GenerativeSearch(workdir="<DSI workdir>")`
+(`jaxsearch.generative.search_tool`).
 
 Example:
   >>> client = GenerativeSearchClient.from_workdir("runs/dsi_world", beam_size=10)

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -90,6 +89,7 @@ from jaxsearch.retrieval.mips import exact_search
 from jaxsearch.retrieval.retriever import build_retriever
 from jaxsearch.train.dual_encoder import (DualEncoderBatch, DualEncoderConfig, make_dual_encoder_update_fn,
                                    make_embed_fn)
+from jaxsearch.train import trainer
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
@@ -102,6 +102,8 @@ TOKENIZER_FILE = trained_encoder.TOKENIZER_FILE
 CHECKPOINT_DIR = trained_encoder.CHECKPOINT_DIR
 EMBEDDINGS_DIR = "embeddings"
 SYSTEMS = ("trained", "untrained", "bm25")
+PROGRESS_KEYS = ("loss", "accuracy", "positive_score", "negative_score", "tokens_per_s",
+                 "s_per_step")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -553,27 +555,88 @@ def _functions(enc_config: EncoderConfig, optimizer: OptimizerConfig, steps: int
   return _Functions(embed_fn, create, update)
 
 
-def _checkpointed(state: TrainState) -> dict:
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+def batch_rows(pairs: TrainingPairs, negatives: np.ndarray, step: int,
+               config: DenseRetrieverConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Step `step`'s pairs and documents: `(idx [B], rows [B * (1 + H)])`.
 
-
-def _sample_batch(pairs: TrainingPairs, negatives: np.ndarray, docs: Tokenized,
-                  queries: Tokenized, step: int, config: DenseRetrieverConfig
-                  ) -> DualEncoderBatch:
-  """Step `step`'s batch: B pairs (epoch-wise shuffled, resumable) + H negatives each."""
-  n, b, h = len(pairs.queries), config.batch_size, config.num_hard_negatives
-  epoch, pos = divmod(step * b, n)
-  order = np.random.default_rng([config.seed, 1, epoch]).permutation(n)
-  idx = np.take(order, np.arange(pos, pos + b), mode="wrap")
+  `idx` are pair indices, seeded epochs over the pairs (`trainer.epoch_batch` with seed
+  `(config.seed, 1)`, so a resumed run sees the batches it would have seen); `rows` are the
+  corpus rows of their positives, then H of each pair's mined `negatives` ([N, depth]), drawn
+  without replacement by `np.random.default_rng([config.seed, 2, step])`, pair by pair.
+  """
+  b, h = config.batch_size, config.num_hard_negatives
+  idx = trainer.epoch_batch((config.seed, 1), step, b, len(pairs.queries))
   rows = pairs.positives[idx]
   if h:
     draw = np.random.default_rng([config.seed, 2, step]).random((b, negatives.shape[1]))
     pick = np.argsort(draw, axis=1)[:, :h]
     rows = np.concatenate([rows, np.take_along_axis(negatives[idx], pick, axis=1).reshape(-1)])
+  return idx, rows
+
+
+def sample_batch(pairs: TrainingPairs, negatives: np.ndarray, docs: Tokenized,
+                 queries: Tokenized, step: int, config: DenseRetrieverConfig
+                 ) -> DualEncoderBatch:
+  """Step `step`'s batch (`batch_rows`): the B queries, their B positives and B * H hard
+  negatives; `doc_keys` are the documents' corpus rows (equal rows are the same document)."""
+  idx, rows = batch_rows(pairs, negatives, step, config)
   return DualEncoderBatch(jnp.asarray(queries.input_ids[idx]),
                           jnp.asarray(queries.attention_mask[idx]),
                           jnp.asarray(docs.input_ids[rows]), jnp.asarray(docs.attention_mask[rows]),
                           doc_keys=jnp.asarray(rows, jnp.int32))
+
+
+def train_sample(data: RetrievalData, size: int) -> tuple[dict[str, str], corpus_lib.Qrels]:
+  """The first `size` training queries and their judgements (the `train_*` summary)."""
+  queries = dict(list(data.train_queries.items())[:size])
+  return queries, {q: data.train_qrels[q] for q in queries}
+
+
+def evaluate_systems(searches: Mapping[str, Callable[[list[str], int], tuple[np.ndarray,
+                                                                             np.ndarray]]],
+                     data: RetrievalData, config: DenseRetrieverConfig) -> dict[str, float]:
+  """`{split}_{system}_{measure}` of every search system (`evaluate_search`) on the test
+  queries ("test") and `train_sample(data, config.train_eval_size)` ("train")."""
+  train_queries, train_qrels = train_sample(data, config.train_eval_size)
+  out = {}
+  for system, search in searches.items():
+    for split, queries, qrels in (("test", data.test_queries, data.test_qrels),
+                                  ("train", train_queries, train_qrels)):
+      for k, v in evaluate_search(search, queries, qrels, data.corpus.ids,
+                                  config.measures).items():
+        out[f"{split}_{system}_{k}"] = v
+  return out
+
+
+class _Encoding:
+  """Embedding and dense search with one encoder function, for any parameters."""
+
+  def __init__(self, embed_fn: Callable, config: DenseRetrieverConfig, enc_config: EncoderConfig,
+               corpus: corpus_lib.Corpus, docs: Tokenized, query_tok: WordPieceTokenizer,
+               query_width: int, workdir: str):
+    self.embed_fn, self.config, self.enc_config = embed_fn, config, enc_config
+    self.corpus, self.docs, self.query_tok, self.query_width = corpus, docs, query_tok, query_width
+    self.workdir = workdir
+
+  def embed(self, params, tokens: Tokenized, desc: str = "embed", progress: bool = False):
+    return embedding.embed_corpus(self.embed_fn, params, tokens.input_ids, tokens.attention_mask,
+                                  batch_size=self.config.embed_batch_size, progress=progress,
+                                  desc=desc)
+
+  def corpus_embeddings(self, params, desc: str) -> np.ndarray:
+    """The corpus embedded by `params`, cached under `workdir/embeddings/`."""
+    key = {"corpus": embedding.text_fingerprint(self.corpus.contents),
+           "tokens": embedding.array_fingerprint(tuple(self.docs)),
+           "encoder": dataclasses.asdict(self.enc_config),
+           "params": embedding.array_fingerprint(params),
+           "max_length": self.config.doc_max_length}
+    return embedding.cached_corpus_embeddings(
+        os.path.join(self.workdir, EMBEDDINGS_DIR), key,
+        lambda: self.embed(params, self.docs, desc, True))
+
+  def search(self, params, doc_emb: np.ndarray):
+    return _dense_search(lambda tokens: self.embed(params, tokens), self.query_tok, doc_emb,
+                         self.query_width, self.config.embed_batch_size)
 
 
 def run(config: DenseRetrieverConfig, workdir: str, *,
@@ -602,11 +665,8 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
   query_tok = WordPieceTokenizer(raw_tok, max_length=config.query_max_length)
   doc_tok = WordPieceTokenizer(raw_tok, max_length=config.doc_max_length)
   enc_config, init_params = _initial_encoder(config, query_tok.vocab_size)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(workdir, ENCODER_CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(enc_config), indent=2, sort_keys=True) + "\n")
+  trainer.write_config(workdir, CONFIG_FILE, config)
+  trainer.write_config(workdir, ENCODER_CONFIG_FILE, enc_config)
 
   t0 = time.time()
   docs = tokenize(doc_tok, corpus.contents)
@@ -622,7 +682,7 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
                train_queries.input_ids.shape[1], time.time() - t0)
 
   fns = _functions(enc_config, config.optimizer, config.steps, float(config.temperature))
-  embed_fn = fns.embed_fn
+  enc = _Encoding(fns.embed_fn, config, enc_config, corpus, docs, query_tok, query_width, workdir)
   # Built by one jitted call (not op by op), into new buffers: the update donates the state,
   # and the untrained baseline still needs `init_params`.
   # Committed to one device, as restored checkpoints are, so a resumed run hits the same
@@ -632,97 +692,80 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
   state = jax.device_put(fns.create_state(init_params), device)
   num_params = int(sum(x.size for x in jax.tree.leaves(init_params)))
   ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    tree, _ = ckpt.restore(latest, _checkpointed(state))
-    state = state.replace(**tree)
-    logging.info("resumed the dense retriever from step %d", latest)
-  start = int(state.step)
-
-  def embed(params, tokens: Tokenized, desc: str = "embed", progress: bool = False):
-    return embedding.embed_corpus(embed_fn, params, tokens.input_ids, tokens.attention_mask,
-                                  batch_size=config.embed_batch_size, progress=progress,
-                                  desc=desc)
-
-  def corpus_embeddings(params, desc: str) -> np.ndarray:
-    key = {"corpus": embedding.text_fingerprint(corpus.contents),
-           "tokens": embedding.array_fingerprint(tuple(docs)),
-           "encoder": dataclasses.asdict(enc_config),
-           "params": embedding.array_fingerprint(params),
-           "max_length": config.doc_max_length}
-    return embedding.cached_corpus_embeddings(
-        os.path.join(workdir, EMBEDDINGS_DIR), key, lambda: embed(params, docs, desc, True))
-
-  def dense_search(params, doc_emb):
-    return _dense_search(lambda tokens: embed(params, tokens), query_tok, doc_emb, query_width,
-                         config.embed_batch_size)
+  state, start, _ = trainer.restore_latest(ckpt, state)
 
   writer = metrics_lib.create_writer(workdir)
-  update = fns.update
   rng = jax.random.key(config.seed)
-  final_loss = None
   t_train = time.time()
-  t_last, step_last = time.time(), start
-  for step in range(start, config.steps):
-    batch = _sample_batch(pairs, negatives, docs, train_queries, step, config)
-    state, m = update(state, batch, rng)
-    if step == start and after_first_step is not None:
-      after_first_step()
-    done = step + 1
-    if done == 1 or done % config.log_every == 0 or done == config.steps:
-      m = metrics_lib.to_python(m)
-      final_loss = m["loss"]
-      m["s_per_step"] = (time.time() - t_last) / max(done - step_last, 1)
-      t_last, step_last = time.time(), done
-      writer.write_scalars(done, {f"dense/{k}": v for k, v in m.items()})
-      print(metrics_lib.progress_line("dense", done, config.steps, m,
-                                      ("loss", "accuracy", "positive_score", "negative_score",
-                                       "s_per_step")), flush=True)
-    if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-      doc_emb = embed(state.params, docs)
-      vm = evaluate_search(dense_search(state.params, doc_emb), data.valid_queries,
-                           data.valid_qrels, corpus.ids, config.measures)
-      writer.write_scalars(done, {f"valid/{k}": v for k, v in vm.items()})
-      print(f"[valid {done}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()), flush=True)
-    if done % config.checkpoint_every == 0 or done == config.steps:
-      ckpt.save(done, _checkpointed(state), {"phase": "dense"})
+  last: dict[str, Any] = {}
+
+  def step_fn(state: TrainState, step: int):
+    batch = sample_batch(pairs, negatives, docs, train_queries, step, config)
+    state, m = fns.update(state, batch, rng)
+    last["metrics"] = m
+    work = trainer.StepWork(float(batch.query_ids.size + batch.doc_ids.size))
+    if step == 0 and not (config.log_every == 1 or config.steps == 1):
+      _log_first_step(writer, m, work, t_train, config.steps)   # the loop logs it otherwise
+    return state, m, work
+
+  def eval_fn(state: TrainState, step: int):
+    if step == config.steps:
+      return None                                # the final evaluation follows
+    vm = evaluate_search(enc.search(state.params, enc.embed(state.params, docs)),
+                         data.valid_queries, data.valid_qrels, corpus.ids, config.measures)
+    # Under `valid/` (as in earlier workdirs), not the loop's `validation/`.
+    writer.write_scalars(step, {f"valid/{k}": v for k, v in vm.items()})
+    trainer.say(f"[valid {step}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()))
+    return None
+
+  loop = trainer.LoopConfig(name="dense", steps=config.steps, log_every=config.log_every,
+                            checkpoint_every=config.checkpoint_every,
+                            eval_every=config.eval_every, progress_keys=PROGRESS_KEYS)
+  state = trainer.run_loop(
+      loop, state, step_fn, start=start, writer=writer,
+      save_fn=lambda step, s: ckpt.save(step, trainer.train_state_checkpoint(s),
+                                        {"phase": "dense"}),
+      eval_fn=eval_fn, after_first_step=after_first_step)
   ckpt.close()
   train_seconds = time.time() - t_train
 
   # Final evaluation: trained and untrained encoders (corpus embeddings cached) and BM25.
   t_eval = time.time()
-  train_sample = dict(list(data.train_queries.items())[:config.train_eval_size])
-  train_sample_qrels = {q: data.train_qrels[q] for q in train_sample}
-  searches = {
-      "trained": dense_search(state.params, corpus_embeddings(state.params, "embed corpus "
-                                                                            "(trained)")),
-      "untrained": dense_search(init_params, corpus_embeddings(init_params, "embed corpus "
-                                                                            "(untrained)")),
+  summary: dict[str, Any] = evaluate_systems({
+      "trained": enc.search(state.params,
+                            enc.corpus_embeddings(state.params, "embed corpus (trained)")),
+      "untrained": enc.search(init_params,
+                              enc.corpus_embeddings(init_params, "embed corpus (untrained)")),
       "bm25": bm25.search,
-  }
-  summary: dict[str, Any] = {}
-  for system, search in searches.items():
-    for split, queries, qrels in (("test", data.test_queries, data.test_qrels),
-                                  ("train", train_sample, train_sample_qrels)):
-      for k, v in evaluate_search(search, queries, qrels, corpus.ids, config.measures).items():
-        summary[f"{split}_{system}_{k}"] = v
+  }, data, config)
   summary.update(
       encoder=config.encoder, corpus=config.corpus, steps=config.steps,
       num_docs=len(corpus), num_train_pairs=len(pairs.queries),
-      num_test_queries=len(data.test_queries), num_train_eval_queries=len(train_sample),
+      num_test_queries=len(data.test_queries),
+      num_train_eval_queries=len(train_sample(data, config.train_eval_size)[0]),
       num_params=num_params, train_seconds=train_seconds, eval_seconds=time.time() - t_eval,
       wall_seconds=time.time() - t_start)
-  if final_loss is not None:
-    summary["final_loss"] = final_loss
+  if "metrics" in last:                          # the loss of this invocation's last step
+    summary["final_loss"] = metrics_lib.to_python(last["metrics"])["loss"]
   writer.write_scalars(config.steps, {f"eval/{k}": v for k, v in summary.items()
                                       if isinstance(v, float)})
-  writer.flush()
-  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  trainer.write_summary(workdir, summary, writer)
   top = max(config.ks)
-  print("[dense summary] " + " ".join(
+  trainer.say("[dense summary] " + " ".join(
       f"{s}: R@1={summary.get(f'test_{s}_recall@1', float('nan')):.3f} "
-      f"R@{top}={summary[f'test_{s}_recall@{top}']:.3f}" for s in SYSTEMS), flush=True)
+      f"R@{top}={summary[f'test_{s}_recall@{top}']:.3f}" for s in SYSTEMS))
   return summary
+
+
+def _log_first_step(writer, metrics, work: trainer.StepWork, t0: float, total: int) -> None:
+  """The log line of step 1 (a first point on the curves), which `trainer.run_loop` writes
+  only every `log_every` steps."""
+  m = metrics_lib.to_python(metrics)
+  dt = max(time.time() - t0, 1e-9)
+  m.update(s_per_step=dt, tokens_per_s=work.tokens / dt)
+  writer.write_scalars(1, {f"dense/{k}": v for k, v in m.items()})
+  trainer.say(metrics_lib.progress_line("dense", 1, total, m, PROGRESS_KEYS))
+
 
 
 # ----------------------------------------------------------------------------------------

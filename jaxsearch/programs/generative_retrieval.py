@@ -110,6 +110,7 @@ from jaxsearch.retrieval import metrics as retrieval_metrics
 from jaxsearch.retrieval import trained_encoder
 from jaxsearch.retrieval.hard_negatives import mine_hard_negatives
 from jaxsearch.retrieval.retriever import build_retriever
+from jaxsearch.train import trainer
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
@@ -477,10 +478,6 @@ def build_docids(config: DSIConfig, data: DSIData,
 # ----------------------------------------------------------------------------------------
 
 
-def _checkpointed(state: TrainState) -> dict:
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
-
-
 def _new_state(model: Transformer, optimizer: OptimizerConfig, steps: int, rng: jax.Array,
                params: PyTree | None = None) -> TrainState:
   if params is None:
@@ -491,63 +488,204 @@ def _new_state(model: Transformer, optimizer: OptimizerConfig, steps: int, rng: 
                            tx=make_optimizer(optimizer, max(steps, 1)))
 
 
-def _restore(ckpt: Checkpointer, state: TrainState, what: str
-             ) -> tuple[TrainState, dict[str, Any]]:
-  """(the latest checkpoint restored into `state`, its metadata); `state` and {} if none."""
-  latest = ckpt.latest_step()
-  if latest is None:
-    return state, {}
-  tree, meta = ckpt.restore(latest, _checkpointed(state))
-  logging.info("resumed %s from step %d", what, latest)
-  return state.replace(**tree), meta
+def _once(fn: Callable[[], None] | None) -> Callable[[], None]:
+  """`fn` (the launcher's `after_first_step`) called the first time only, whichever stage
+  runs the first optimizer step of this call."""
+  pending = [fn]
+
+  def call() -> None:
+    f, pending[0] = pending[0], None
+    if f is not None:
+      f()
+  return call
 
 
-class _Once:
-  """Calls `fn` the first time it is called (the launcher's `after_first_step`)."""
-
-  def __init__(self, fn: Callable[[], None] | None):
-    self._fn = fn
-
-  def __call__(self) -> None:
-    fn, self._fn = self._fn, None
-    if fn is not None:
-      fn()
+def _tokens_work(batch) -> trainer.StepWork:
+  """The tokens of a step's rows (`tokens` [N, T]) for the loop's throughput figures."""
+  return trainer.StepWork(tokens=float(np.asarray(batch.attention_mask).sum()))
 
 
-class _Stage:
-  """Logging and checkpointing shared by the training stages; `seconds` is the stage's wall
-  time over every call of `run` (saved in the checkpoints' metadata)."""
+def run_stage(name: str, config: DSIConfig, state: TrainState, step_fn, *, steps: int,
+              ckpt: Checkpointer, writer, progress_keys: tuple[str, ...],
+              after_first_step: Callable[[], None], eval_fn=None
+              ) -> tuple[TrainState, dict[str, float], float]:
+  """One training stage on `trainer.run_loop`, resumed from `ckpt`'s latest checkpoint.
 
-  def __init__(self, name: str, config: DSIConfig, writer, ckpt: Checkpointer, steps: int,
-               keys: tuple[str, ...], meta: Mapping[str, Any]):
-    self.name, self.config, self.writer, self.ckpt = name, config, writer, ckpt
-    self.steps, self.keys = steps, keys
-    self.last: dict[str, float] = dict(meta.get("last", {}))   # the latest logged metrics
-    self._t, self._step = time.time(), None
-    self._start, self._before = time.time(), float(meta.get("seconds", 0.0))
+  Its checkpoints are `{params, opt_state, step}` with metadata `{"phase": name, "seconds":
+  the stage's wall time over every call so far, "last": the latest step's metrics}`. The
+  first step of a fresh stage is logged too (the start of the curve): it runs as a loop of
+  its own.
 
-  @property
-  def seconds(self) -> float:
-    return self._before + time.time() - self._start
+  Returns:
+    `(state, the metrics of the stage's last step, the stage's seconds over every call)`;
+    a stage finished by an earlier call returns its checkpoint's metrics and seconds.
+  """
+  state, start, meta = trainer.restore_latest(ckpt, state)
+  t0, before = time.time(), float(meta.get("seconds", 0.0))
+  seconds = lambda: before + time.time() - t0  # noqa: E731
+  latest: list = []
 
-  def after(self, done: int, state: TrainState, metrics: Mapping[str, Any]) -> None:
-    if self._step is None:
-      self._step = done - 1
-    if done == 1 or done % self.config.log_every == 0 or done == self.steps:
-      m = metrics_lib.to_python(metrics)
-      m["s_per_step"] = (time.time() - self._t) / max(done - self._step, 1)
-      self._t, self._step = time.time(), done
-      self.last = m
-      self.writer.write_scalars(done, {f"{self.name}/{k}": v for k, v in m.items()})
-      print(metrics_lib.progress_line(self.name, done, self.steps, m,
-                                      (*self.keys, "s_per_step")), flush=True)
-    if done % self.config.checkpoint_every == 0 or done == self.steps:
-      self.ckpt.save(done, _checkpointed(state), {"phase": self.name, "seconds": self.seconds,
-                                                  "last": self.last})
+  def step(state, i):
+    state, m, work = step_fn(state, i)
+    latest[:] = [m]
+    return state, m, work
+
+  def save(done: int, state: TrainState) -> None:
+    if done % config.checkpoint_every == 0 or done == steps:
+      ckpt.save(done, trainer.train_state_checkpoint(state),
+                {"phase": name, "seconds": seconds(), "last": metrics_lib.to_python(latest[0])})
+
+  loop = trainer.LoopConfig(name=name, steps=steps, log_every=config.log_every,
+                            checkpoint_every=config.checkpoint_every,
+                            eval_every=config.eval_every if eval_fn is not None else 0,
+                            progress_keys=(*progress_keys, "s_per_step"))
+  common = dict(writer=writer, save_fn=save, eval_fn=eval_fn, after_first_step=after_first_step)
+  if start == 0 and steps > 1 and config.log_every > 1:
+    state = trainer.run_loop(dataclasses.replace(loop, steps=1), state, step, start=0,
+                             **common)
+    start = 1
+  state = trainer.run_loop(loop, state, step, start=start, **common)
+  ckpt.close()
+  last = metrics_lib.to_python(latest[0]) if latest else dict(meta.get("last", {}))
+  return state, last, seconds()
+
+
+class TrainingData(NamedTuple):
+  """The DSI and DDRO stages' examples (host arrays)."""
+
+  indexing: dsi.DSIBatch        # documents (rows 0..N-1), then pseudo-queries
+  retrieval: dsi.DSIBatch       # the seen queries
+  doc_tokens: list[list[int]]   # [N] each document's (cut) indexing tokens
+  seen_inputs: list[list[int]]  # the seen queries' (cut) tokens
+  seen_rows: np.ndarray         # [Q] each seen query's relevant document row
+  targets: np.ndarray           # [N, L + 1] docID tokens of each document
+  layout: dsi.DSILayout
+  input_width: int              # the longest cut input (every split alike)
+  num_pseudo: int               # pseudo-queries in the indexing pool
+
+
+def build_training_data(config: DSIConfig, data: DSIData, tokenizer, docids: docids_lib.DocIds,
+                        layout: dsi.DSILayout, pseudo: Mapping[str, Sequence[str]]
+                        ) -> TrainingData:
+  """Inputs cut to `max_input_tokens`; rows as wide as the longest cut input of the
+  documents, pseudo-queries and every query split (one compilation per shape). Pseudo-
+  queries are taken in corpus order (pseudo_queries.json is written with sorted keys), so a
+  resumed run sees the same pool."""
+  def encode(text: str) -> list[int]:
+    return tokenizer.encode(text)[:config.max_input_tokens]
+
+  corpus = data.corpus
+  targets = docids_lib.docid_tokens(docids, layout.code_offset)
+  doc_tokens = [encode(t) for t in data.doc_inputs]
+  pseudo_pairs = [(row, q) for row, d in enumerate(corpus.ids) for q in pseudo.get(d, ())]
+  pseudo_tokens = [encode(q) for _, q in pseudo_pairs]
+  split_tokens = {name: [encode(q) for q in split.queries.values()]
+                  for name, split in data.splits.items()}
+  m_in = max(len(t) for t in [*doc_tokens, *pseudo_tokens, *(
+      t for ts in split_tokens.values() for t in ts)])
+  indexing_parts = [dsi.build_examples(doc_tokens, np.arange(len(corpus)), targets, layout,
+                                       max_input_tokens=m_in)]
+  if pseudo_pairs:
+    indexing_parts.append(dsi.build_examples(pseudo_tokens, [r for r, _ in pseudo_pairs],
+                                             targets, layout, max_input_tokens=m_in))
+  seen_rows = _first_relevant_rows(data.splits["seen"], corpus)
+  seen_inputs = split_tokens["seen"]
+  return TrainingData(
+      indexing=dsi.concat_examples(indexing_parts),
+      retrieval=dsi.build_examples(seen_inputs, seen_rows, targets, layout,
+                                   max_input_tokens=m_in),
+      doc_tokens=doc_tokens, seen_inputs=seen_inputs, seen_rows=seen_rows, targets=targets,
+      layout=layout, input_width=m_in, num_pseudo=len(pseudo_pairs))
+
+
+def dsi_batch(config: DSIConfig, td: TrainingData, step: int) -> dsi.DSIBatch:
+  """Step `step`'s DSI rows: indexing and retrieval rows mixed at `indexing_ratio`
+  (`dsi.mixture_rows`), documents cut to a random window of `indexing_chunk_tokens` tokens
+  (drawn by `(seed, 13, step)`) when that is set."""
+  n_docs = len(td.doc_tokens)
+  idx_i, idx_r = dsi.mixture_rows(len(td.indexing.tokens), len(td.retrieval.tokens), step=step,
+                                  batch_size=config.batch_size,
+                                  indexing_ratio=config.indexing_ratio, seed=config.seed)
+  parts = [dsi.take(td.indexing, idx_i), dsi.take(td.retrieval, idx_r)]
+  docs = idx_i[idx_i < n_docs]          # rows of the pool that are document texts
+  if config.indexing_chunk_tokens and len(docs):
+    chunks = dsi.random_chunks([td.doc_tokens[d] for d in docs], config.indexing_chunk_tokens,
+                               np.random.default_rng([config.seed, 13, step]))
+    parts[0] = dsi.concat_examples([
+        dsi.build_examples(chunks, docs, td.targets, td.layout, max_input_tokens=td.input_width,
+                           width=td.indexing.tokens.shape[1]),
+        dsi.take(td.indexing, idx_i[idx_i >= n_docs])])
+  return dsi.concat_examples([p for p in parts if len(p.tokens)])
+
+
+def ddro_pairs(config: DSIConfig, td: TrainingData, negatives: np.ndarray, step: int
+               ) -> dsi.PairBatch:
+  """Step `step`'s DDRO pairs: seen queries (epochs seeded by `(seed, 31)`), each with its
+  relevant docID (chosen) and one of its BM25 hard negatives (rejected, drawn by
+  `(seed, 32, step)`)."""
+  idx = dsi.epoch_rows(len(td.seen_rows), config.ddro_batch_size, step, (config.seed, 31))
+  pick = np.random.default_rng([config.seed, 32, step]).integers(negatives.shape[1],
+                                                                  size=len(idx))
+  inputs = [td.seen_inputs[i] for i in idx]
+  build = lambda rows: dsi.build_examples(inputs, rows, td.targets, td.layout,  # noqa: E731
+                                          max_input_tokens=td.input_width)
+  return dsi.PairBatch(build(td.seen_rows[idx]), build(negatives[idx, pick]))
+
+
+def train_dsi(config: DSIConfig, workdir: str, model: Transformer, td: TrainingData, writer,
+              after_first_step, eval_fn=None) -> tuple[TrainState, dict[str, float], float]:
+  """The DSI stage (`checkpoints/dsi`); returns `run_stage`'s `(state, last metrics,
+  seconds)`."""
+  state = _new_state(model, config.optimizer, config.steps, jax.random.key(config.seed))
+  update = jax.jit(dsi.make_dsi_update_fn(model, td.layout), donate_argnums=0)
+
+  def step_fn(state, step):
+    batch = dsi_batch(config, td, step)
+    state, m = update(state, jax.tree.map(jnp.asarray, batch))
+    return state, m, _tokens_work(batch)
+
+  return run_stage("dsi", config, state, step_fn, steps=config.steps,
+                   ckpt=Checkpointer(workdir_lib.checkpoint_dir(workdir, "dsi")), writer=writer,
+                   progress_keys=("loss", "token_accuracy", "sequence_accuracy"),
+                   after_first_step=after_first_step, eval_fn=eval_fn)
+
+
+def train_ddro(config: DSIConfig, workdir: str, model: Transformer, td: TrainingData,
+               ref_params: PyTree, negatives: np.ndarray, writer, after_first_step
+               ) -> tuple[TrainState, dict[str, float], float]:
+  """The DDRO stage (`checkpoints/ddro`) from `ref_params`, which stay its frozen
+  reference."""
+  state = _new_state(model, config.ddro_optimizer, config.ddro_steps,
+                     jax.random.key(config.seed + 3), params=ref_params)
+  update = jax.jit(dsi.make_ddro_update_fn(model, td.layout, beta=float(config.ddro_beta),
+                                           nll_coef=float(config.ddro_nll_coef)),
+                   donate_argnums=0)
+
+  def step_fn(state, step):
+    pairs = ddro_pairs(config, td, negatives, step)
+    state, m = update(state, ref_params, jax.tree.map(jnp.asarray, pairs))
+    return state, m, trainer.StepWork(tokens=float(
+        np.asarray(pairs.chosen.attention_mask).sum()
+        + np.asarray(pairs.rejected.attention_mask).sum()))
+
+  return run_stage("ddro", config, state, step_fn, steps=config.ddro_steps,
+                   ckpt=Checkpointer(workdir_lib.checkpoint_dir(workdir, "ddro")),
+                   writer=writer, progress_keys=("loss", "accuracy", "margin", "chosen_logprob",
+                                                 "rejected_logprob"),
+                   after_first_step=after_first_step)
+
+
+def ddro_negatives(config: DSIConfig, data: DSIData, bm25) -> np.ndarray:
+  """[Q, D] BM25 hard negatives of each seen query (none of its relevant documents)."""
+  corpus, seen = data.corpus, data.splits["seen"]
+  exclude = [frozenset(corpus.row(d) for d in seen.qrels[q]) for q in seen.queries]
+  depth = min(config.hard_negative_depth, len(corpus) - max(len(e) for e in exclude))
+  return mine_hard_negatives(bm25, list(seen.queries.values()), exclude, depth)
 
 
 def _pseudo_queries(config: DSIConfig, workdir: str, data: DSIData, tokenizer, writer,
-                    after_first_step: _Once) -> tuple[dict[str, list[str]], dict[str, Any]]:
+                    after_first_step: Callable[[], None]
+                    ) -> tuple[dict[str, list[str]], dict[str, Any]]:
   """{doc id: pseudo-queries} for `config.pseudo_queries`, and metrics of the generator."""
   path = os.path.join(workdir, PSEUDO_FILE)
   if config.pseudo_queries == "none":
@@ -571,19 +709,20 @@ def _pseudo_queries(config: DSIConfig, workdir: str, data: DSIData, tokenizer, w
   model = Transformer(dataclasses.replace(config.qgen_model, vocab_size=tokenizer.vocab_size))
   state = _new_state(model, config.qgen_optimizer, config.qgen_steps,
                      jax.random.key(config.seed + 101))
-  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "qgen"))
-  state, meta = _restore(ckpt, state, "the query generator")
   update = jax.jit(doc2query.make_qgen_update_fn(model), donate_argnums=0)
-  stage = _Stage("qgen", config, writer, ckpt, config.qgen_steps, ("loss", "token_accuracy"),
-                 meta)
-  for step in range(int(state.step), config.qgen_steps):
-    idx = dsi.epoch_rows(len(rows), config.qgen_batch_size, step, (config.seed, 21))
-    state, m = update(state, jax.tree.map(jnp.asarray, doc2query.take_rows(examples, idx)))
-    after_first_step()
-    stage.after(step + 1, state, m)
-  ckpt.close()
-  info["qgen_train_seconds"] = stage.seconds
-  info.update({f"qgen_final_{k}": v for k, v in stage.last.items() if k != "s_per_step"})
+
+  def step_fn(state, step):
+    batch = doc2query.take_rows(examples, dsi.epoch_rows(len(rows), config.qgen_batch_size,
+                                                         step, (config.seed, 21)))
+    state, m = update(state, jax.tree.map(jnp.asarray, batch))
+    return state, m, _tokens_work(batch)
+
+  state, last, seconds = run_stage(
+      "qgen", config, state, step_fn, steps=config.qgen_steps,
+      ckpt=Checkpointer(workdir_lib.checkpoint_dir(workdir, "qgen")), writer=writer,
+      progress_keys=("loss", "token_accuracy"), after_first_step=after_first_step)
+  info["qgen_train_seconds"] = seconds
+  info.update({f"qgen_final_{k}": v for k, v in last.items() if k != "s_per_step"})
   t0 = time.time()
   samples = doc2query.generate_queries(
       model, state.params, doc_tokens, sep_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
@@ -688,9 +827,120 @@ class _Searcher:
     return _median_ms(call, n)
 
 
+def evaluate_split(searcher: "_Searcher", params: PyTree, prompts: tuple[np.ndarray, np.ndarray],
+                   split: QuerySet, doc_ids: Sequence[str], measures: Sequence[str], beam: int,
+                   constrained: bool, qids: Sequence[str] | None = None
+                   ) -> tuple[dict[str, float], float]:
+  """`(mean measures, fraction of queries whose top output is not a docID)` of a beam
+  search over the split's prompts (row i = the split's i-th query; `qids`: those only)."""
+  all_qids = list(split.queries)
+  p, m = prompts
+  if qids is not None:
+    pos = {q: i for i, q in enumerate(all_qids)}
+    rows = np.array([pos[q] for q in qids], np.int64)
+    p, m, all_qids = p[rows], m[rows], list(qids)
+  docs, scores = searcher.search(params, p, m, beam, constrained)
+  invalid = float(np.mean(docs[:, 0] < 0)) if len(docs) else 0.0
+  return _score(all_qids, docs, scores, split, doc_ids, measures), invalid
+
+
+def seen_eval_qids(config: DSIConfig, seen: QuerySet) -> list[str]:
+  """The seen queries evaluated: all, or a seeded sample of `seen_eval_size` (in order)."""
+  qids = list(seen.queries)
+  if config.seen_eval_size and config.seen_eval_size < len(qids):
+    keep = np.sort(np.random.default_rng([config.seed, 5]).choice(
+        len(qids), config.seen_eval_size, replace=False))
+    qids = [qids[i] for i in keep]
+  return qids
+
+
+def evaluate_model(config: DSIConfig, searcher: "_Searcher", system: str, params: PyTree,
+                   prompts: Mapping[str, tuple[np.ndarray, np.ndarray]], data: DSIData,
+                   eval_qids: Mapping[str, Sequence[str] | None],
+                   dsi_params: PyTree | None = None) -> dict[str, float]:
+  """The summary's `{split}_{system}[_free]_beam{W}_{measure}` (free beams also `_invalid`),
+  `batched_ms_per_query_*`, `latency_ms_*` (constrained), `{split}_gr_{measure}` (the
+  largest constrained beam) for `system` ("dsi" / "ddro") and, given `dsi_params`, the DSI
+  stage's model at the largest constrained beam (`{split}_dsi_beam{W}_{measure}`)."""
+  summary: dict[str, float] = {}
+  top_beam = max(config.beam_sizes)
+
+  def scores(p, name, beam, constrained):
+    return evaluate_split(searcher, p, prompts[name], data.splits[name], data.corpus.ids,
+                          config.measures, beam, constrained, eval_qids[name])
+
+  for beam in config.beam_sizes:
+    for constrained in (True, False):
+      name_ = f"{system}{'' if constrained else '_free'}_beam{beam}"
+      for split in ("seen", "unseen"):
+        values, invalid = scores(params, split, beam, constrained)
+        for k, v in values.items():
+          summary[f"{split}_{name_}_{k}"] = v
+        if not constrained:
+          summary[f"{split}_{name_}_invalid"] = invalid
+      summary[f"batched_ms_per_query_{name_}"] = searcher.batched_ms_per_query(beam,
+                                                                               constrained)
+      if config.latency_queries and constrained:   # free decoding runs the same model calls
+        summary[f"latency_ms_{name_}"] = searcher.latency_ms(
+            params, *prompts["unseen"], beam, constrained, config.latency_queries)
+  if dsi_params is not None:    # the DSI-stage model too, constrained, largest beam
+    for split in ("seen", "unseen"):
+      values, _ = scores(dsi_params, split, top_beam, True)
+      for k, v in values.items():
+        summary[f"{split}_dsi_beam{top_beam}_{k}"] = v
+  for split in ("seen", "unseen"):
+    for k in config.measures:
+      summary[f"{split}_gr_{k}"] = summary[f"{split}_{system}_beam{top_beam}_{k}"]
+  return summary
+
+
 # ----------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------
+
+
+def _tokenizer(config: DSIConfig, data: DSIData, workdir: str) -> SentencePieceTokenizer:
+  """The workdir's tokenizer: trained on the documents and the seen queries (and template
+  pseudo-queries when used) on the first call."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    return SentencePieceTokenizer.load(path)
+  texts = list(data.doc_inputs) + list(data.splits["seen"].queries.values())
+  if config.pseudo_queries == "templates":
+    texts += [q for t in data.templates for q in t]
+  tokenizer = SentencePieceTokenizer.train(texts, vocab_size=config.tokenizer_vocab_size,
+                                           seed=config.seed)
+  if jax.process_index() == 0:
+    tokenizer.save(path)
+  return tokenizer
+
+
+def _docids(config: DSIConfig, data: DSIData, workdir: str) -> docids_lib.DocIds:
+  """The workdir's docIDs (built, with embeddings only for semantic / rq, on the first
+  call)."""
+  path = os.path.join(workdir, DOCIDS_FILE)
+  if os.path.exists(path):
+    docids, saved_ids = load_docids(workdir)
+    if saved_ids != list(data.corpus.ids):
+      raise ValueError(f"{path} was written for other documents than this config's")
+    return docids
+  docids = build_docids(config, data, lambda: text_embeddings(config, workdir,
+                                                              data.corpus.contents, "documents"))
+  if jax.process_index() == 0:
+    save_docids(path, docids, data.corpus.ids)
+  return docids
+
+
+def _model(config: DSIConfig, docids: docids_lib.DocIds, layout: dsi.DSILayout
+           ) -> Transformer:
+  """The DSI transformer (vocabulary: text ids, codes, END), checked to fit the rows."""
+  depth = trie_depth(docids)
+  width = config.max_input_tokens + 1 + depth
+  if config.model.max_len < width:
+    raise ValueError(f"DSIConfig.model.max_len must be >= max_input_tokens + 1 + docID length "
+                     f"+ 1 = {width} for {config.docid} docIDs of length {depth - 1}, got "
+                     f"{config.model.max_len}")
+  return Transformer(dataclasses.replace(config.model, vocab_size=layout.vocab_size))
 
 
 def run(config: DSIConfig, workdir: str, *,
@@ -717,214 +967,55 @@ def run(config: DSIConfig, workdir: str, *,
   if not seen.queries or not unseen.queries:
     raise ValueError(f"the {config.corpus} corpus gave {len(seen.queries)} seen and "
                      f"{len(unseen.queries)} unseen queries; raise max_docs")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
-
-  # Tokenizer: documents and seen queries (and template pseudo-queries when used).
-  tok_path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(tok_path):
-    tokenizer = SentencePieceTokenizer.load(tok_path)
-  else:
-    texts = list(data.doc_inputs) + list(seen.queries.values())
-    if config.pseudo_queries == "templates":
-      texts += [q for t in data.templates for q in t]
-    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=config.tokenizer_vocab_size,
-                                             seed=config.seed)
-    if jax.process_index() == 0:
-      tokenizer.save(tok_path)
-
-  # DocIDs.
+  trainer.write_config(workdir, CONFIG_FILE, config)
+  tokenizer = _tokenizer(config, data, workdir)
   t0 = time.time()
-  docids_path = os.path.join(workdir, DOCIDS_FILE)
-  doc_emb: list[np.ndarray] = []
-
-  def doc_embeddings() -> np.ndarray:
-    if not doc_emb:
-      doc_emb.append(text_embeddings(config, workdir, corpus.contents, "documents"))
-    return doc_emb[0]
-
-  if os.path.exists(docids_path):
-    docids, saved_ids = load_docids(workdir)
-    if saved_ids != list(corpus.ids):
-      raise ValueError(f"{docids_path} was written for other documents than this config's")
-  else:
-    docids = build_docids(config, data, doc_embeddings)
-    if jax.process_index() == 0:
-      save_docids(docids_path, docids, corpus.ids)
+  docids = _docids(config, data, workdir)
   docid_seconds = time.time() - t0
   layout = dsi.DSILayout(code_offset=tokenizer.vocab_size, num_codes=int(docids.num_codes),
                          sep_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-  targets = docids_lib.docid_tokens(docids, layout.code_offset)
-  depth = trie_depth(docids)
-  width = config.max_input_tokens + 1 + depth
-  if config.model.max_len < width:
-    raise ValueError(f"DSIConfig.model.max_len must be >= max_input_tokens + 1 + docID length "
-                     f"+ 1 = {width} for {config.docid} docIDs of length {depth - 1}, got "
-                     f"{config.model.max_len}")
-  model_config = dataclasses.replace(config.model, vocab_size=layout.vocab_size)
-  model = Transformer(model_config)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(model_config), indent=2, sort_keys=True) + "\n")
+  model = _model(config, docids, layout)
+  trainer.write_config(workdir, MODEL_CONFIG_FILE, model.config)
   logging.info("%d documents, %s docIDs (K=%d, depth %d) in %.1fs", len(corpus), docids.kind,
-               docids.num_codes, depth, docid_seconds)
+               docids.num_codes, trie_depth(docids), docid_seconds)
 
   writer = metrics_lib.create_writer(workdir)
-  after_first_step = _Once(after_first_step)
+  after_first_step = _once(after_first_step)
   pseudo, qgen_info = _pseudo_queries(config, workdir, data, tokenizer, writer,
                                       after_first_step)
+  td = build_training_data(config, data, tokenizer, docids, layout, pseudo)
+  searcher = _Searcher(model, build_trie(docids), layout, trie_depth(docids),
+                       config.eval_batch_size)
+  prompts = {name: dsi.prompt_batch([tokenizer.encode(q)[:config.max_input_tokens]
+                                     for q in split.queries.values()], layout,
+                                    max_input_tokens=td.input_width)
+             for name, split in data.splits.items()}
 
-  # Training examples. Inputs are cut to max_input_tokens; rows are as wide as the longest
-  # (cut) input needs, for every split alike (one compilation per shape).
-  def encode(text: str) -> list[int]:
-    return tokenizer.encode(text)[:config.max_input_tokens]
-
-  doc_tokens = [encode(t) for t in data.doc_inputs]
-  # In corpus order (pseudo_queries.json is written with sorted keys): resumed runs see the
-  # same pool.
-  pseudo_pairs = [(row, q) for row, d in enumerate(corpus.ids) for q in pseudo.get(d, ())]
-  pseudo_tokens = [encode(q) for _, q in pseudo_pairs]
-  split_tokens = {name: [encode(q) for q in split.queries.values()]
-                  for name, split in data.splits.items()}
-  m_in = max(len(t) for t in [*doc_tokens, *pseudo_tokens, *(
-      t for ts in split_tokens.values() for t in ts)])
-  indexing_parts = [dsi.build_examples(doc_tokens, np.arange(len(corpus)), targets, layout,
-                                       max_input_tokens=m_in)]
-  if pseudo_pairs:
-    indexing_parts.append(dsi.build_examples(pseudo_tokens, [r for r, _ in pseudo_pairs],
-                                             targets, layout, max_input_tokens=m_in))
-  indexing = dsi.concat_examples(indexing_parts)
-  seen_rows = _first_relevant_rows(seen, corpus)
-  seen_inputs = split_tokens["seen"]
-  retrieval = dsi.build_examples(seen_inputs, seen_rows, targets, layout, max_input_tokens=m_in)
-
-  # DSI stage.
-  searcher = _Searcher(model, build_trie(docids), layout, depth, config.eval_batch_size)
-  prompts = {name: dsi.prompt_batch(tokens, layout, max_input_tokens=m_in)
-             for name, tokens in split_tokens.items()}
-  top_beam = max(config.beam_sizes)
-
-  def evaluate_split(params, name: str, beam: int, constrained: bool,
-                     qids: Sequence[str] | None = None) -> tuple[dict[str, float], float]:
-    split = data.splits[name]
-    all_qids = list(split.queries)
-    p, m = prompts[name]
-    if qids is not None:
-      pos = {q: i for i, q in enumerate(all_qids)}
-      rows = np.array([pos[q] for q in qids], np.int64)
-      p, m, all_qids = p[rows], m[rows], list(qids)
-    docs, scores = searcher.search(params, p, m, beam, constrained)
-    invalid = float(np.mean(docs[:, 0] < 0)) if len(docs) else 0.0
-    return _score(all_qids, docs, scores, split, corpus.ids, config.measures), invalid
-
-  rng = jax.random.key(config.seed)
-  state = _new_state(model, config.optimizer, config.steps, rng)
-  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "dsi"))
-  state, meta = _restore(ckpt, state, "DSI")
-  update = jax.jit(dsi.make_dsi_update_fn(model, layout), donate_argnums=0)
-  stage = _Stage("dsi", config, writer, ckpt, config.steps,
-                 ("loss", "token_accuracy", "sequence_accuracy"), meta)
-  width = indexing.tokens.shape[1]
-  for step in range(int(state.step), config.steps):
-    idx_i, idx_r = dsi.mixture_rows(len(indexing.tokens), len(retrieval.tokens), step=step,
-                                    batch_size=config.batch_size,
-                                    indexing_ratio=config.indexing_ratio, seed=config.seed)
-    parts = [dsi.take(indexing, idx_i), dsi.take(retrieval, idx_r)]
-    docs = idx_i[idx_i < len(corpus)]          # rows of the pool that are document texts
-    if config.indexing_chunk_tokens and len(docs):
-      chunks = dsi.random_chunks([doc_tokens[d] for d in docs], config.indexing_chunk_tokens,
-                                 np.random.default_rng([config.seed, 13, step]))
-      parts[0] = dsi.concat_examples([
-          dsi.build_examples(chunks, docs, targets, layout, max_input_tokens=m_in,
-                             width=width),
-          dsi.take(indexing, idx_i[idx_i >= len(corpus)])])
-    batch = dsi.concat_examples([p for p in parts if len(p.tokens)])
-    state, m = update(state, jax.tree.map(jnp.asarray, batch))
-    after_first_step()
-    done = step + 1
-    stage.after(done, state, m)
-    if config.eval_every and done % config.eval_every == 0 and done != config.steps \
-        and valid.queries:
-      vm, _ = evaluate_split(state.params, "validation", top_beam, True)
+  def validation(state: TrainState, done: int) -> None:
+    if done != config.steps and valid.queries:     # the final evaluation follows the last
+      vm, _ = evaluate_split(searcher, state.params, prompts["validation"], valid, corpus.ids,
+                             config.measures, max(config.beam_sizes), True)
       writer.write_scalars(done, {f"valid/{k}": v for k, v in vm.items()})
-      print(f"[valid {done}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()), flush=True)
-  ckpt.close()
-  dsi_last = dict(stage.last)
-  train_seconds = stage.seconds
+      trainer.say(f"[valid {done}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()))
 
-  # DDRO stage: the DSI model is the frozen reference.
-  ddro_info: dict[str, Any] = {}
-  final_system, dsi_params = "dsi", state.params
-  bm25 = None
-  if config.ddro_steps:
+  state, dsi_last, train_seconds = train_dsi(config, workdir, model, td, writer,
+                                             after_first_step, validation)
+  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  final_system, dsi_params, bm25, ddro_info = "dsi", state.params, None, {}
+  if config.ddro_steps:         # the DSI model is the frozen reference
     bm25 = build_retriever("bm25", corpus)
-    exclude = [frozenset(corpus.row(d) for d in seen.qrels[q]) for q in seen.queries]
-    depth_neg = min(config.hard_negative_depth,
-                    len(corpus) - max(len(e) for e in exclude))
-    negatives = mine_hard_negatives(bm25, list(seen.queries.values()), exclude, depth_neg)
-    ref_params = dsi_params
-    dstate = _new_state(model, config.ddro_optimizer, config.ddro_steps,
-                        jax.random.key(config.seed + 3), params=ref_params)
-    dckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir, "ddro"))
-    dstate, dmeta = _restore(dckpt, dstate, "DDRO")
-    dupdate = jax.jit(dsi.make_ddro_update_fn(model, layout, beta=float(config.ddro_beta),
-                                              nll_coef=float(config.ddro_nll_coef)),
-                      donate_argnums=0)
-    dstage = _Stage("ddro", config, writer, dckpt, config.ddro_steps,
-                    ("loss", "accuracy", "margin", "chosen_logprob", "rejected_logprob"), dmeta)
-    for step in range(int(dstate.step), config.ddro_steps):
-      idx = dsi.epoch_rows(len(seen_rows), config.ddro_batch_size, step, (config.seed, 31))
-      pick = np.random.default_rng([config.seed, 32, step]).integers(
-          negatives.shape[1], size=len(idx))
-      inputs = [seen_inputs[i] for i in idx]
-      chosen = dsi.build_examples(inputs, seen_rows[idx], targets, layout,
-                                  max_input_tokens=m_in)
-      rejected = dsi.build_examples(inputs, negatives[idx, pick], targets, layout,
-                                    max_input_tokens=m_in)
-      pairs = dsi.PairBatch(jax.tree.map(jnp.asarray, chosen), jax.tree.map(jnp.asarray,
-                                                                             rejected))
-      dstate, m = dupdate(dstate, ref_params, pairs)
-      after_first_step()
-      dstage.after(step + 1, dstate, m)
-    dckpt.close()
-    ddro_info = {f"ddro_final_{k}": v for k, v in dstage.last.items() if k != "s_per_step"}
-    ddro_info["ddro_seconds"] = dstage.seconds
-    final_system, state = "ddro", dstate
+    state, ddro_last, ddro_seconds = train_ddro(
+        config, workdir, model, td, dsi_params, ddro_negatives(config, data, bm25), writer,
+        after_first_step)
+    ddro_info = {f"ddro_final_{k}": v for k, v in ddro_last.items() if k != "s_per_step"}
+    ddro_info["ddro_seconds"] = ddro_seconds
+    final_system = "ddro"
 
-  # Evaluation.
   t_eval = time.time()
-  summary: dict[str, Any] = {}
-  seen_qids = list(seen.queries)
-  if config.seen_eval_size and config.seen_eval_size < len(seen_qids):
-    keep = np.sort(np.random.default_rng([config.seed, 5]).choice(
-        len(seen_qids), config.seen_eval_size, replace=False))
-    seen_qids = [seen_qids[i] for i in keep]
-  eval_qids = {"seen": seen_qids, "unseen": None}
-  latency_prompts = prompts["unseen"]
-  for beam in config.beam_sizes:
-    for constrained in (True, False):
-      system = f"{final_system}{'' if constrained else '_free'}_beam{beam}"
-      for name in ("seen", "unseen"):
-        values, invalid = evaluate_split(state.params, name, beam, constrained, eval_qids[name])
-        for k, v in values.items():
-          summary[f"{name}_{system}_{k}"] = v
-        if not constrained:
-          summary[f"{name}_{system}_invalid"] = invalid
-      summary[f"batched_ms_per_query_{system}"] = searcher.batched_ms_per_query(
-          beam, constrained)
-      if config.latency_queries and constrained:   # free decoding runs the same model calls
-        summary[f"latency_ms_{system}"] = searcher.latency_ms(
-            state.params, *latency_prompts, beam, constrained, config.latency_queries)
-  if final_system == "ddro":    # the DSI-stage model too, constrained, largest beam
-    for name in ("seen", "unseen"):
-      values, _ = evaluate_split(dsi_params, name, top_beam, True, eval_qids[name])
-      for k, v in values.items():
-        summary[f"{name}_dsi_beam{top_beam}_{k}"] = v
-  for name in ("seen", "unseen"):
-    for k in config.measures:
-      summary[f"{name}_gr_{k}"] = summary[f"{name}_{final_system}_beam{top_beam}_{k}"]
+  eval_qids = {"seen": seen_eval_qids(config, seen), "unseen": None}
+  summary: dict[str, Any] = evaluate_model(
+      config, searcher, final_system, state.params, prompts, data, eval_qids,
+      dsi_params if final_system == "ddro" else None)
   t_base = time.time()
   summary.update(_baselines(config, workdir, data, eval_qids, bm25))
   summary["baseline_seconds"] = time.time() - t_base
@@ -935,8 +1026,8 @@ def run(config: DSIConfig, workdir: str, *,
       corpus=config.corpus, docid_kind=docids.kind, pseudo_queries=config.pseudo_queries,
       final_system=final_system, steps=config.steps, ddro_steps=config.ddro_steps,
       beam_sizes=list(config.beam_sizes), num_docs=len(corpus),
-      num_seen_queries=len(seen.queries), num_seen_eval_queries=len(seen_qids),
-      num_unseen_queries=len(unseen.queries), num_pseudo_queries=len(pseudo_pairs),
+      num_seen_queries=len(seen.queries), num_seen_eval_queries=len(eval_qids["seen"]),
+      num_unseen_queries=len(unseen.queries), num_pseudo_queries=td.num_pseudo,
       pseudo_unseen_coverage=_pseudo_coverage(unseen, pseudo),
       pseudo_seen_coverage=_pseudo_coverage(seen, pseudo),
       num_codes=int(docids.num_codes), docid_length=int(lengths.max()),
@@ -947,13 +1038,12 @@ def run(config: DSIConfig, workdir: str, *,
       **qgen_info, **ddro_info)
   writer.write_scalars(config.steps, {f"eval/{k}": v for k, v in summary.items()
                                       if isinstance(v, float)})
-  writer.flush()
-  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  trainer.write_summary(workdir, summary, writer)
   top = max(config.ks)
-  print(f"[dsi summary] {config.corpus}/{docids.kind}: " + " ".join(
+  trainer.say(f"[dsi summary] {config.corpus}/{docids.kind}: " + " ".join(
       f"{s}: R@1={summary.get(f'unseen_{s}_recall@1', math.nan):.3f} "
       f"R@{top}={summary.get(f'unseen_{s}_recall@{top}', math.nan):.3f}"
-      for s in ("gr", *config.baselines)) + " (unseen)", flush=True)
+      for s in ("gr", *config.baselines)) + " (unseen)")
   return summary
 
 

@@ -76,17 +76,16 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
+from flax import linen as nn
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
@@ -101,6 +100,7 @@ from jaxsearch.retrieval.scann_index import ScannConfig
 from jaxsearch.retrieval.stale_index import StaleIndex
 from jaxsearch.rewards.qa import exact_match
 from jaxsearch.train.dual_encoder import make_embed_fn
+from jaxsearch.train import trainer
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree
@@ -556,7 +556,7 @@ def reader_warmup(config: RealmConfig, params: PyTree, reader_loglik_fn, questio
     p, opt_state, loss = step(p, opt_state, rows, gold[rows])
   if config.reader_warmup_steps:
     loss = float(loss)
-    print(f"[realm reader warm-up {config.reader_warmup_steps}] loss={loss:.4g}", flush=True)
+    trainer.say(f"[realm reader warm-up {config.reader_warmup_steps}] loss={loss:.4g}")
   return {**params, "reader": p}, {"reader_warmup_loss": loss}
 
 
@@ -625,17 +625,112 @@ def ict_warmup(config: RealmConfig, params: PyTree, embed_fn, corpus: Corpus,
     retriever, opt_state, loss, acc = step(retriever, opt_state, q_ids, q_mask, rows)
   if config.ict_steps:
     loss, acc = float(loss), float(acc)
-    print(f"[realm ict {config.ict_steps}] loss={loss:.4g} accuracy={acc:.3f}", flush=True)
+    trainer.say(f"[realm ict {config.ict_steps}] loss={loss:.4g} accuracy={acc:.3f}")
   return {**params, **retriever}, {"ict_loss": loss, "ict_accuracy": acc}
 
 
 # ------------------------------------------------------------------------------------ run
 
 
-def _checkpointed(state: TrainState, index: StaleIndex) -> dict:
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
-          "index_emb": jnp.asarray(index.embeddings),
-          "refreshed_at": jnp.asarray(index.refreshed_at, jnp.int32)}
+class RealmData(NamedTuple):
+  """What a run trains and evaluates on (host arrays; built once, in `build_data`)."""
+
+  corpus: Corpus                        # every world's documents, world after world
+  segments: tuple[tuple[int, int], ...]  # each world's rows of `corpus`
+  titles: list[list[int]]               # each document's title tokens (ICT pseudo-queries)
+  train_q: Questions                    # the training questions of every world
+  train_world: np.ndarray               # [Q] the world of each training question
+  eval_q: Questions                     # `world`'s `eval_split`, padded like `train_q`
+  eval_questions: list[Question]        # the same questions (their answers)
+  width: dict[str, int]                 # the widest question segments ("enc", "prefix", ...)
+
+
+class RealmState(NamedTuple):
+  """The loop's state: the trained parameters and the stale index they retrieve from."""
+
+  train: TrainState
+  index: StaleIndex
+
+
+def build_worlds(config: RealmConfig) -> list[World]:
+  """`config.world` (row 0: evaluation) and the `train_worlds` extra worlds."""
+  return [build_world(dataclasses.replace(config.world, seed=config.world.seed + 1000 * w))
+          for w in range(config.train_worlds + 1)]
+
+
+def build_data(config: RealmConfig, worlds: Sequence[World], tokenizer: Any) -> RealmData:
+  """Tokenizes the corpus and the questions: the train questions of every world (each
+  world's gold rows offset to its segment), `worlds[0]`'s `eval_split` for evaluation, all
+  padded to the same widths (one compiled shape)."""
+  corpus = build_corpus(worlds, tokenizer)
+  sizes = [len(w.documents) for w in worlds]
+  starts = np.cumsum([0] + sizes)
+  segments = tuple((int(a), int(b)) for a, b in zip(starts[:-1], starts[1:]))
+  parts = [build_questions(w, unique_questions(w.splits["train"]), tokenizer,
+                           reader_sees_subject=config.reader_sees_subject, offset=a)
+           for w, (a, _) in zip(worlds, segments)]
+  train_world = np.concatenate([np.full(q.gold.shape[0], i, np.int32)
+                                for i, q in enumerate(parts)])
+  train_q = _concat_questions(parts, tokenizer.pad_id)
+  eval_questions = unique_questions(worlds[0].splits[config.eval_split])
+  eval_raw = build_questions(worlds[0], eval_questions, tokenizer,
+                             reader_sees_subject=config.reader_sees_subject)
+  width = {"enc": max(train_q.enc_ids.shape[1], eval_raw.enc_ids.shape[1]),
+           "prefix": max(train_q.prefix.shape[1], eval_raw.prefix.shape[1]),
+           "answer": max(train_q.answer.shape[1], eval_raw.answer.shape[1])}
+  if config.top_k > min(sizes):
+    raise ValueError(f"RealmConfig.top_k={config.top_k} exceeds the {min(sizes)} documents "
+                     "of a world")
+  titles = [tokenizer.encode(d.title) for w in worlds for d in w.documents]
+  return RealmData(corpus, segments, titles, _pad_width(train_q, width, tokenizer.pad_id),
+                   train_world, _pad_width(eval_raw, width, tokenizer.pad_id),
+                   list(eval_questions), width)
+
+
+def _tokenizer(config: RealmConfig, worlds: Sequence[World], workdir: str
+               ) -> SentencePieceTokenizer:
+  """The workdir's tokenizer (trained on every world's texts on the first call)."""
+  path = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(path):
+    tokenizer = SentencePieceTokenizer.load(path)
+  else:
+    tokenizer = SentencePieceTokenizer.train([t for w in worlds for t in w.texts()],
+                                             vocab_size=config.tokenizer_vocab_size,
+                                             seed=config.seed)
+  if jax.process_index() == 0:
+    tokenizer.save(path)
+  return tokenizer
+
+
+def init_params(config: RealmConfig, enc_config: EncoderConfig, reader: Transformer
+                ) -> dict[str, PyTree]:
+  """`{"query", "doc", "reader"}`, seeded by `config.seed` (E_d a copy of E_q when
+  `tie_encoder_init`)."""
+  key = jax.random.key(config.seed)
+  q_params = init_encoder_params(enc_config, jax.random.fold_in(key, 0))
+  d_params = (jax.tree.map(jnp.array, q_params) if config.tie_encoder_init
+              else init_encoder_params(enc_config, jax.random.fold_in(key, 1)))
+  reader_params = jax.jit(reader.init)(jax.random.fold_in(key, 2),
+                                       jnp.zeros((1, 8), jnp.int32))["params"]
+  return {"query": q_params, "doc": d_params, "reader": nn.meta.unbox(reader_params)}
+
+
+def warm_start(config: RealmConfig, params: PyTree, embed_fn, reader: Transformer,
+               data: RealmData) -> tuple[PyTree, dict[str, float]]:
+  """The ICT warm-up of the encoders, then the reader's warm-up (a fresh run only; neither
+  is checkpointed: a resumed run restores their result)."""
+  params, info = ict_warmup(config, params, embed_fn, data.corpus, data.titles)
+  params, warm = reader_warmup(config, params, make_reader_loglik_fn(reader), data.train_q,
+                               data.corpus)
+  return params, {**info, **warm}
+
+
+def realm_checkpoint(state: RealmState) -> dict:
+  """What a checkpoint holds: the train state and the stale index (so a resumed run
+  retrieves exactly what an uninterrupted one would)."""
+  return {**trainer.train_state_checkpoint(state.train),
+          "index_emb": jnp.asarray(state.index.embeddings),
+          "refreshed_at": jnp.asarray(state.index.refreshed_at, jnp.int32)}
 
 
 def _resolved_models(config: RealmConfig, vocab: int, corpus: Corpus, width: dict[str, int]
@@ -680,6 +775,102 @@ class _BatchSchedule:
     return self._batches[pos]
 
 
+def realm_batch(questions: Questions, rows: np.ndarray, doc_ids: np.ndarray,
+                stale_scores: np.ndarray, index_embeddings: np.ndarray) -> RealmBatch:
+  """The batch of questions `rows` with what the stale index retrieved for them (`doc_ids`
+  [B, K], their stale scores, and their stale vectors taken from `index_embeddings`)."""
+  return RealmBatch(questions.enc_ids[rows], questions.enc_mask[rows], questions.prefix[rows],
+                    questions.prefix_mask[rows], questions.answer[rows],
+                    questions.answer_mask[rows], doc_ids.astype(np.int32),
+                    stale_scores.astype(np.float32), index_embeddings[doc_ids])
+
+
+def support_metrics(doc_ids: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+  """How often the gold document is among the retrieved [B, K] (`support_in_topk`) and
+  first (`support_top1`): reported only, never trained on."""
+  return {"support_in_topk": float(np.mean(np.any(doc_ids == gold[:, None], axis=1))),
+          "support_top1": float(np.mean(doc_ids[:, 0] == gold))}
+
+
+class _WindowMean:
+  """Means of each metric over the steps since the last log step (the loop logs the metrics
+  of its log steps; REALM's are averaged over the window instead)."""
+
+  def __init__(self):
+    self.sums: dict[str, list[float]] = {}
+
+  def add(self, metrics: Mapping[str, float]) -> dict[str, float]:
+    for k, v in metrics.items():
+      self.sums.setdefault(k, []).append(v)
+    return {k: float(np.mean(v)) for k, v in self.sums.items()}
+
+  def reset(self) -> None:
+    self.sums = {}
+
+
+def make_step_fn(config: RealmConfig, loop: trainer.LoopConfig, data: RealmData, update,
+                 embed_fn, embed_docs: Callable[[PyTree], np.ndarray], corpus: Corpus):
+  """`step_fn(state: RealmState, step) -> (state, metrics, work)` for `trainer.run_loop`.
+
+  Refreshes the index (re-embeds every document) before a step that is a multiple of
+  `refresh_every`, retrieves the step's questions (`_BatchSchedule`) from their world's
+  segment of the stale index, runs `update`. The metrics are the means over the log window
+  (`loss`, ..., `support_in_topk`, `support_top1`) and the index's (`index/...`: the last
+  step's `stale_score_gap` and the window's mean, `steps_since_refresh`, `refreshes` of this
+  invocation).
+  """
+  schedule = _BatchSchedule(data.train_world, config.batch_size, config.seed)
+  window = _WindowMean()
+  refreshes = 0
+  reader_width = data.width["prefix"] + data.corpus.passage.shape[1] + data.width["answer"]
+
+  def step_fn(state: RealmState, step: int):
+    nonlocal refreshes
+    train, index = state
+    if step % config.refresh_every == 0 and index.refreshed_at != step:
+      index.refresh(embed_docs(train.params["doc"]), step)
+      refreshes += 1
+    idx, w = schedule(step)
+    q_vec = embed_fn(train.params["query"], data.train_q.enc_ids[idx],
+                     data.train_q.enc_mask[idx])
+    doc_ids, stale = index.search(q_vec, config.top_k, segment=w)
+    batch = realm_batch(data.train_q, idx, doc_ids, stale, index.embeddings)
+    train, m = update(train, batch, corpus)
+    m = metrics_lib.to_python(m)
+    m.update(support_metrics(doc_ids, data.train_q.gold[idx]))
+    means = window.add(m)
+    out = {k: v for k, v in means.items() if k != "stale_score_gap"}
+    out.update({"index/stale_score_gap": m["stale_score_gap"],
+                "index/stale_score_gap_mean": means["stale_score_gap"],
+                "index/steps_since_refresh": float(step - index.refreshed_at),
+                "index/refreshes": float(refreshes)})
+    if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
+      window.reset()
+    return RealmState(train, index), out, trainer.StepWork(
+        tokens=float(doc_ids.size * reader_width))
+  return step_fn
+
+
+class _OwnPrefixes:
+  """A writer for `trainer.run_loop` whose metrics named `group/name` keep their own prefix
+  (`train/index/refreshes` is written as `index/refreshes`)."""
+
+  def __init__(self, writer, name: str):
+    self.writer, self.prefix = writer, name + "/"
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self.writer.write_scalars(step, {
+        (k[len(self.prefix):] if k.startswith(self.prefix) and "/" in k[len(self.prefix):]
+         else k): v for k, v in scalars.items()})
+
+  def __getattr__(self, name: str):
+    return getattr(self.writer, name)
+
+
+PROGRESS_KEYS = ("loss", "marginal_loglik", "support_in_topk", "support_top1",
+                 "index/stale_score_gap", "s_per_step")
+
+
 def run(config: RealmConfig, workdir: str, *,
         after_first_step: Callable[[], None] | None = None) -> dict[str, Any]:
   """Trains retriever and reader end to end (or the reader alone over a frozen retriever).
@@ -697,154 +888,73 @@ def run(config: RealmConfig, workdir: str, *,
   """
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  worlds = [build_world(dataclasses.replace(config.world, seed=config.world.seed + 1000 * w))
-            for w in range(config.train_worlds + 1)]
-  world = worlds[0]
-  tok_path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(tok_path):
-    tokenizer = SentencePieceTokenizer.load(tok_path)
-  else:
-    tokenizer = SentencePieceTokenizer.train([t for w in worlds for t in w.texts()],
-                                             vocab_size=config.tokenizer_vocab_size,
-                                             seed=config.seed)
-  if jax.process_index() == 0:
-    tokenizer.save(tok_path)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
-
-  corpus_np = build_corpus(worlds, tokenizer)
-  sizes = [len(w.documents) for w in worlds]
-  starts = np.cumsum([0] + sizes)
-  segments = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-  parts = [build_questions(w, unique_questions(w.splits["train"]), tokenizer,
-                           reader_sees_subject=config.reader_sees_subject, offset=a)
-           for w, (a, _) in zip(worlds, segments)]
-  train_world = np.concatenate([np.full(q.gold.shape[0], i, np.int32)
-                                for i, q in enumerate(parts)])
-  train_q = _concat_questions(parts, tokenizer.pad_id)
-  width = {"enc": train_q.enc_ids.shape[1], "prefix": train_q.prefix.shape[1],
-           "answer": train_q.answer.shape[1]}
-  eval_questions = unique_questions(world.splits[config.eval_split])
-  eval_raw = build_questions(world, eval_questions, tokenizer,
-                             reader_sees_subject=config.reader_sees_subject)
-  width = {"enc": max(width["enc"], eval_raw.enc_ids.shape[1]),
-           "prefix": max(width["prefix"], eval_raw.prefix.shape[1]),
-           "answer": max(width["answer"], eval_raw.answer.shape[1])}
-  train_q = _pad_width(train_q, width, tokenizer.pad_id)
-  eval_q = _pad_width(eval_raw, width, tokenizer.pad_id)
-  n_docs = corpus_np.enc_ids.shape[0]
-  if config.top_k > min(sizes):
-    raise ValueError(f"RealmConfig.top_k={config.top_k} exceeds the {min(sizes)} documents "
-                     "of a world")
-  enc_config, reader_config = _resolved_models(config, tokenizer.vocab_size, corpus_np, width)
-
+  worlds = build_worlds(config)
+  tokenizer = _tokenizer(config, worlds, workdir)
+  trainer.write_config(workdir, CONFIG_FILE, config)
+  data = build_data(config, worlds, tokenizer)
+  enc_config, reader_config = _resolved_models(config, tokenizer.vocab_size, data.corpus,
+                                               data.width)
   embed_fn = make_embed_fn(BertEncoder(enc_config))
   reader = Transformer(reader_config)
-  key = jax.random.key(config.seed)
-  q_params = init_encoder_params(enc_config, jax.random.fold_in(key, 0))
-  d_params = (jax.tree.map(jnp.array, q_params) if config.tie_encoder_init
-              else init_encoder_params(enc_config, jax.random.fold_in(key, 1)))
-  reader_params = jax.jit(reader.init)(jax.random.fold_in(key, 2),
-                                       jnp.zeros((1, 8), jnp.int32))["params"]
-  from flax import linen as nn  # noqa: PLC0415
-  params = {"query": q_params, "doc": d_params, "reader": nn.meta.unbox(reader_params)}
-  num_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in params.items()}
-  state = TrainState.create(apply_fn=reader.apply, params=params, tx=make_optimizer_for(config))
-
+  params = init_params(config, enc_config, reader)
+  num_params = sum(int(x.size) for x in jax.tree.leaves(params))
+  n_docs = data.corpus.enc_ids.shape[0]
+  state = RealmState(
+      TrainState.create(apply_fn=reader.apply, params=params, tx=make_optimizer_for(config)),
+      StaleIndex("exact", config.scann, np.zeros((n_docs, enc_config.hidden_size)), 0))
   embed_jit = jax.jit(embed_fn)
-  embed_docs = lambda p: _embed_in_batches(embed_jit, p, corpus_np.enc_ids, corpus_np.enc_mask,
-                                           256)
-  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  latest = ckpt.latest_step()
-  ict = {}
-  if latest is not None:
-    target = _checkpointed(state, StaleIndex("exact", config.scann,
-                                             np.zeros((n_docs, enc_config.hidden_size)), 0))
-    tree, _ = ckpt.restore(latest, target)
-    state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-    index = StaleIndex(config.index, config.scann, np.asarray(tree["index_emb"]),
-                       int(tree["refreshed_at"]), segments)
-    logging.info("resumed REALM run from step %d (index refreshed at %d)", latest,
-                 index.refreshed_at)
-  else:
-    titles = [tokenizer.encode(d.title) for w in worlds for d in w.documents]
-    params, ict = ict_warmup(config, state.params, embed_fn, corpus_np, titles)
-    params, warm = reader_warmup(config, params, make_reader_loglik_fn(reader), train_q,
-                                 corpus_np)
-    ict.update(warm)
-    state = state.replace(params=params)
-    index = StaleIndex(config.index, config.scann, embed_docs(state.params["doc"]), 0,
-                       segments)
+  embed_docs = lambda p: _embed_in_batches(embed_jit, p, data.corpus.enc_ids,  # noqa: E731
+                                           data.corpus.enc_mask, 256)
 
-  corpus = Corpus(*(jnp.asarray(x) for x in corpus_np))
-  loglik_fn = make_reader_loglik_fn(reader)
-  update = jax.jit(make_realm_update_fn(config, embed_fn, loglik_fn), donate_argnums=0)
+  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  state, start, _ = trainer.restore_latest(
+      ckpt, state, realm_checkpoint,
+      lambda s, tree: RealmState(
+          s.train.replace(params=tree["params"], opt_state=tree["opt_state"],
+                          step=tree["step"]),
+          StaleIndex(config.index, config.scann, np.asarray(tree["index_emb"]),
+                     int(tree["refreshed_at"]), data.segments)))
+  warm = {}
+  if not start:    # a fresh run: warm-ups, then the index of the warmed-up E_d
+    params, warm = warm_start(config, state.train.params, embed_fn, reader, data)
+    state = RealmState(state.train.replace(params=params),
+                       StaleIndex(config.index, config.scann, embed_docs(params["doc"]), 0,
+                                  data.segments))
+
+  corpus = Corpus(*(jnp.asarray(x) for x in data.corpus))
+  update = jax.jit(make_realm_update_fn(config, embed_fn, make_reader_loglik_fn(reader)),
+                   donate_argnums=0)
   writer = metrics_lib.create_writer(workdir)
-  start = int(state.step)
-  n = train_q.gold.shape[0]
-  schedule = _BatchSchedule(train_world, config.batch_size, config.seed)
-  refreshes = 0
-  t_train = t_last = time.time()
-  step_last = start
-  acc: dict[str, list[float]] = {}
-  for step in range(start, config.steps):
-    if step % config.refresh_every == 0 and index.refreshed_at != step:
-      index.refresh(embed_docs(state.params["doc"]), step)
-      refreshes += 1
-    idx, w = schedule(step)
-    q_vec = embed_jit(state.params["query"], train_q.enc_ids[idx], train_q.enc_mask[idx])
-    doc_ids, stale = index.search(q_vec, config.top_k, segment=w)
-    batch = RealmBatch(train_q.enc_ids[idx], train_q.enc_mask[idx], train_q.prefix[idx],
-                       train_q.prefix_mask[idx], train_q.answer[idx], train_q.answer_mask[idx],
-                       doc_ids.astype(np.int32), stale.astype(np.float32),
-                       index.embeddings[doc_ids])
-    steps_since = step - index.refreshed_at
-    state, m = update(state, batch, corpus)
-    if step == start and after_first_step is not None:
-      after_first_step()
-    m = metrics_lib.to_python(m)
-    m["support_in_topk"] = float(np.mean(np.any(doc_ids == train_q.gold[idx, None], axis=1)))
-    m["support_top1"] = float(np.mean(doc_ids[:, 0] == train_q.gold[idx]))
-    for k_, v in m.items():
-      acc.setdefault(k_, []).append(v)
-    if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-      row = {f"train/{k_}": float(np.mean(v)) for k_, v in acc.items()
-             if k_ != "stale_score_gap"}
-      row["index/stale_score_gap"] = m["stale_score_gap"]
-      row["index/stale_score_gap_mean"] = float(np.mean(acc["stale_score_gap"]))
-      row["index/steps_since_refresh"] = float(steps_since)
-      row["index/refreshes"] = float(refreshes)
-      row["train/s_per_step"] = (time.time() - t_last) / (step + 1 - step_last)
-      t_last, step_last, acc = time.time(), step + 1, {}
-      writer.write_scalars(step + 1, row)
-      print(metrics_lib.progress_line(
-          "realm", step + 1, config.steps, {k_.split("/")[1]: v for k_, v in row.items()},
-          ("loss", "marginal_loglik", "support_in_topk", "support_top1", "stale_score_gap",
-           "s_per_step")), flush=True)
-    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-      ckpt.save(step + 1, _checkpointed(state, index), {"phase": "realm"})
+  loop = trainer.LoopConfig(name="train", steps=config.steps, log_every=config.log_every,
+                            checkpoint_every=config.checkpoint_every,
+                            progress_keys=PROGRESS_KEYS)
+  t_train = time.time()
+  state = trainer.run_loop(
+      loop, state, make_step_fn(config, loop, data, update, embed_jit, embed_docs, corpus),
+      start=start, writer=_OwnPrefixes(writer, loop.name),
+      save_fn=lambda step, s: ckpt.save(step, realm_checkpoint(s), {"phase": "realm"}),
+      after_first_step=after_first_step)
   ckpt.close()
   train_seconds = time.time() - t_train
 
   t_eval = time.time()
+  params, index = state.train.params, state.index
   if not config.freeze_retriever and config.train_doc_encoder:
-    index.refresh(embed_docs(state.params["doc"]), config.steps)   # evaluate on a fresh index
-  summary = evaluate(config, state.params, eval_q, corpus, index, embed_jit, reader,
-                     tokenizer, eval_questions)
+    index.refresh(embed_docs(params["doc"]), config.steps)   # evaluate on a fresh index
+  summary = evaluate(config, params, data.eval_q, corpus, index, embed_jit, reader,
+                     tokenizer, data.eval_questions)
   summary.update(
-      num_docs=sizes[0], num_train_docs=n_docs, train_worlds=config.train_worlds,
+      num_docs=data.segments[0][1], num_train_docs=n_docs, train_worlds=config.train_worlds,
       top_k=config.top_k, freeze_retriever=config.freeze_retriever,
       train_doc_encoder=config.train_doc_encoder, index=config.index, steps=config.steps,
-      num_train_questions=int(n), eval_split=config.eval_split,
-      **ict,
-      num_params=sum(num_params.values()), train_seconds=train_seconds,
+      num_train_questions=int(data.train_q.gold.shape[0]), eval_split=config.eval_split,
+      **warm, num_params=num_params, train_seconds=train_seconds,
       eval_seconds=time.time() - t_eval, wall_seconds=time.time() - t_start)
   writer.write_scalars(config.steps, {f"eval/{k_}": v for k_, v in summary.items()
                                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-  writer.flush()
-  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
-  print("[realm summary] " + " ".join(f"{k_}={v:.3f}" for k_, v in sorted(summary.items())
-                                      if isinstance(v, float)), flush=True)
+  trainer.write_summary(workdir, summary, writer)
+  trainer.say("[realm summary] " + " ".join(f"{k_}={v:.3f}" for k_, v in sorted(summary.items())
+                                            if isinstance(v, float)))
   return summary
 
 

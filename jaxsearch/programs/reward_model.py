@@ -72,7 +72,7 @@ from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.rewards.model_reward import ModelReward, reward_model_reward
 from jaxsearch.rollout.search_env import RolloutConfig
-from jaxsearch.train import sharding
+from jaxsearch.train import sharding, trainer
 from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
@@ -80,8 +80,11 @@ from jaxsearch.types import PyTree
 
 REJECTION_KINDS = ("wrong_answer", "no_search", "stop_early", "malformed")
 CONFIG_FILE = "rm_config.json"
+TRUNK_CONFIG_FILE = "trunk_config.json"
 CHECKPOINT_DIR = os.path.join("checkpoints", "rm")
 LOG_EVERY = 25
+PROGRESS_KEYS = ("loss", "bt_loss", "lm_loss", "accuracy", "margin", "tokens_per_s", "mfu",
+                 "s_per_step")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -432,8 +435,101 @@ def _init_params(model: RewardModel, rng: jax.Array, with_lm_head: bool):
                     return_lm_logits=with_lm_head)["params"]
 
 
-def _checkpointed(state: TrainState) -> dict:
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+class PairSets(NamedTuple):
+  """The preference pairs of one run."""
+
+  train: PreferenceData                # the train split of `world` + `extra_train_worlds`
+  heldout: PreferenceData              # `eval_split`, every applicable kind once
+  validation: PreferenceData | None    # the validation split (None when `eval_every` is 0)
+
+
+def build_pair_sets(config: RewardModelConfig, exp: Experiment, vocab: int) -> PairSets:
+  """The run's training, held-out and validation pairs (see the module docstring).
+
+  Args:
+    config: the run's configuration (seeds, kinds, extra worlds, splits, `rollout.max_len`).
+    exp: the environment of `config.world` (`_environment`); its tokenizer and search tool
+      build the episodes of every world.
+    vocab: the trunk's vocabulary size (the other worlds' environments are built with it).
+  """
+  tokenizer = exp.tokenizer
+  weights = dict(config.rejection_weights)
+  parts = []
+  for k in range(config.extra_train_worlds + 1):
+    env = exp if k == 0 else _environment(
+        dataclasses.replace(config, world=dataclasses.replace(
+            config.world, seed=config.world.seed + 1000 * k)), tokenizer, vocab)
+    part = build_preference_pairs(
+        env.world, unique_questions(env.world.splits["train"]), tokenizer, env.respond,
+        kinds=weights, pairs_per_question=config.pairs_per_question, seed=config.seed + 10 * k,
+        max_len=config.rollout.max_len if k == 0 else None)
+    # Names of other worlds may tokenize longer: drop their episodes that would not fit.
+    parts.append(part if k == 0 else drop_long_pairs(part, config.rollout.max_len))
+  train = concatenate_pairs(parts, tokenizer.pad_id)
+  heldout = build_preference_pairs(exp.world, unique_questions(exp.world.splits[config.eval_split]),
+                                   tokenizer, exp.respond,
+                                   seed=config.seed + 1, max_len=config.rollout.max_len)
+  validation = None
+  if config.eval_every:
+    validation = build_preference_pairs(
+        exp.world, unique_questions(exp.world.splits["validation"]), tokenizer, exp.respond,
+        seed=config.seed + 2, max_len=config.rollout.max_len)
+  return PairSets(train, heldout, validation)
+
+
+def batch_pairs(config: RewardModelConfig, step: int, num_pairs: int) -> np.ndarray:
+  """The pair indices of step `step`: seeded epochs over the pairs (`trainer.epoch_batch`
+  with seed `(config.seed, 1)`), so a resumed run sees the batches it would have seen."""
+  return trainer.epoch_batch((config.seed, 1), step, config.batch_size, num_pairs)
+
+
+def make_batch(data: PreferenceData, idx: np.ndarray, multiple: int = 32) -> PreferenceBatch:
+  """The pairs `idx` of `data` as a host `PreferenceBatch`, cut to the longest episode of
+  the batch rounded up to a multiple of `multiple` (few shapes compile)."""
+  c, r = data.chosen[idx], data.rejected[idx]
+  width = -(-int(max(data.lengths[c].max(), data.lengths[r].max())) // multiple) * multiple
+  width = min(width, data.tokens.shape[1])
+  return PreferenceBatch(data.tokens[c, :width], data.lengths[c], data.tokens[r, :width],
+                         data.lengths[r], data.agent_mask[c, :width])
+
+
+def step_work(trunk: TransformerConfig, batch: PreferenceBatch, lm_coef: float
+              ) -> trainer.StepWork:
+  """Tokens and model FLOPs of one update: the trunk (forward + backward) on both episodes
+  of every pair; the vocabulary projection only on the chosen ones, and only with the LM
+  loss (the scalar head is negligible)."""
+  chosen, width = batch.chosen.size, batch.chosen.shape[1]
+  tokens = chosen + batch.rejected.size
+  head = 6.0 * trunk.d_model * trunk.vocab_size
+  per_token = sharding.transformer_flops_per_token(trunk, width) - head
+  return trainer.StepWork(float(tokens), tokens * per_token + (chosen * head if lm_coef else 0))
+
+
+def train_sample(data: PreferenceData, seed: int, size: int = 1000) -> PreferenceData:
+  """At most `size` training pairs, a seeded sample (`train_accuracy` is measured on it)."""
+  sample = np.random.default_rng([seed, 3]).permutation(data.chosen.size)[:size]
+  return data._replace(chosen=data.chosen[sample], rejected=data.rejected[sample],
+                       kind=data.kind[sample], question=data.question[sample])
+
+
+def final_metrics(score_tokens: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  heldout: PreferenceData, train: PreferenceData, seed: int) -> dict[str, Any]:
+  """`heldout_*` metrics of every held-out pair and `train_*` of `train_sample(train, seed)`.
+
+  Args:
+    score_tokens: `(tokens [N, T], lengths [N]) -> rewards [N]`, e.g. a `ModelReward`'s.
+    heldout: the held-out pairs (all of their episodes are scored).
+    train: the training pairs (only the sample's episodes are scored).
+    seed: the run's seed (picks the sample).
+  """
+  summary = pairwise_metrics(heldout, np.asarray(score_tokens(heldout.tokens, heldout.lengths)),
+                             "heldout_")
+  sub = train_sample(train, seed)
+  rows = np.unique(np.concatenate([sub.chosen, sub.rejected]))
+  scores = np.zeros([train.tokens.shape[0]], np.float32)
+  scores[rows] = score_tokens(train.tokens[rows], train.lengths[rows])
+  summary.update(pairwise_metrics(sub, scores, "train_"))
+  return summary
 
 
 def run(config: RewardModelConfig, workdir: str, *,
@@ -462,39 +558,15 @@ def run(config: RewardModelConfig, workdir: str, *,
     tokenizer = SentencePieceTokenizer.load(tok_path) if os.path.exists(tok_path) else None
     trunk_config = _trunk_config(config, config.tokenizer_vocab_size)
   exp = _environment(config, tokenizer, trunk_config.vocab_size)
-  tokenizer = exp.tokenizer
   if jax.process_index() == 0:
-    tokenizer.save(tok_path)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True))
-      f.write("\n")
-    with open(os.path.join(workdir, "trunk_config.json"), "w") as f:
-      f.write(json.dumps(dataclasses.asdict(trunk_config), indent=2, sort_keys=True) + "\n")
+    exp.tokenizer.save(tok_path)
+  trainer.write_config(workdir, CONFIG_FILE, config)
+  trainer.write_config(workdir, TRUNK_CONFIG_FILE, trunk_config)
 
   t0 = time.time()
-  weights = dict(config.rejection_weights)
-  parts = []
-  for k in range(config.extra_train_worlds + 1):
-    env = exp if k == 0 else _environment(
-        dataclasses.replace(config, world=dataclasses.replace(
-            config.world, seed=config.world.seed + 1000 * k)), tokenizer, trunk_config.vocab_size)
-    part = build_preference_pairs(
-        env.world, unique_questions(env.world.splits["train"]), tokenizer, env.respond,
-        kinds=weights, pairs_per_question=config.pairs_per_question, seed=config.seed + 10 * k,
-        max_len=config.rollout.max_len if k == 0 else None)
-    # Names of other worlds may tokenize longer: drop their episodes that would not fit.
-    parts.append(part if k == 0 else drop_long_pairs(part, config.rollout.max_len))
-  train = concatenate_pairs(parts, tokenizer.pad_id)
-  heldout = build_preference_pairs(exp.world, unique_questions(exp.world.splits[config.eval_split]),
-                                   tokenizer, exp.respond,
-                                   seed=config.seed + 1, max_len=config.rollout.max_len)
-  validation = None
-  if config.eval_every:
-    validation = build_preference_pairs(
-        exp.world, unique_questions(exp.world.splits["validation"]), tokenizer, exp.respond,
-        seed=config.seed + 2, max_len=config.rollout.max_len)
+  pairs = build_pair_sets(config, exp, trunk_config.vocab_size)
   logging.info("preference pairs: %d train, %d held out; built in %.1fs",
-               train.chosen.size, heldout.chosen.size, time.time() - t0)
+               pairs.train.chosen.size, pairs.heldout.chosen.size, time.time() - t0)
 
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.batch_size, mesh, "RewardModelConfig.batch_size")
@@ -507,84 +579,62 @@ def run(config: RewardModelConfig, workdir: str, *,
     params = load_trunk(params, policy_params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     params = jax.device_put(params, sharding.param_shardings(specs, mesh))
-    return _train_and_evaluate(config, workdir, mesh, model, params, tokenizer, train, heldout,
-                               validation, t_start, after_first_step)
+    return _train_and_evaluate(config, workdir, mesh, model, params, exp.tokenizer, pairs,
+                               t_start, after_first_step)
 
 
-def _train_and_evaluate(config, workdir, mesh, model, params, tokenizer, train, heldout,
-                        validation, t_start, after_first_step):
+def _train_and_evaluate(config: RewardModelConfig, workdir: str, mesh, model: RewardModel,
+                        params: PyTree, tokenizer, pairs: PairSets, t_start: float,
+                        after_first_step: Callable[[], None] | None) -> dict[str, Any]:
   writer = metrics_lib.create_writer(workdir)
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   logging.info("reward model parameters: %d", num_params)
   state = TrainState.create(apply_fn=model.apply, params=params,
                             tx=make_optimizer(config.optimizer, config.steps))
   ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  step = ckpt.latest_step()
-  if step is not None:
-    tree, _ = ckpt.restore(step, _checkpointed(state))
-    state = state.replace(**tree)
-    logging.info("resumed reward model from step %d", step)
-  start = int(state.step)
+  state, start, _ = trainer.restore_latest(ckpt, state)
   update = jax.jit(make_rm_update_fn(model.apply, margin=config.margin,
                                      lm_coef=config.lm_coef), donate_argnums=0)
 
-  def scorer(params) -> ModelReward:
-    return reward_model_reward(model.apply, params, tokenizer, batch_size=config.eval_batch_size)
+  def score_tokens(params) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    return reward_model_reward(model.apply, params, tokenizer,
+                               batch_size=config.eval_batch_size).score_tokens
 
-  n = train.chosen.size
-  t_train, t_last, step_last = time.time(), time.time(), start
-  for step in range(start, config.steps):
-    epoch, pos = divmod(step * config.batch_size, n)
-    order = np.random.default_rng([config.seed, 1, epoch]).permutation(n)
-    idx = np.take(order, np.arange(pos, pos + config.batch_size), mode="wrap")
-    c, r = train.chosen[idx], train.rejected[idx]
-    width = -(-int(max(train.lengths[c].max(), train.lengths[r].max())) // 32) * 32
-    width = min(width, train.tokens.shape[1])
-    batch = sharding.shard_batch(PreferenceBatch(
-        train.tokens[c, :width], train.lengths[c], train.tokens[r, :width], train.lengths[r],
-        train.agent_mask[c, :width]), mesh)
-    state, m = update(state, batch)
-    if step == start and after_first_step is not None:
-      after_first_step()
-    if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
-      m = metrics_lib.to_python(m)
-      m["s_per_step"] = (time.time() - t_last) / (step + 1 - step_last)
-      t_last, step_last = time.time(), step + 1
-      writer.write_scalars(step + 1, {f"rm/{k}": v for k, v in m.items()})
-      print(metrics_lib.progress_line("rm", step + 1, config.steps, m,
-                                      ("loss", "bt_loss", "lm_loss", "accuracy", "margin",
-                                       "s_per_step")), flush=True)
-    if validation is not None and (step + 1) % config.eval_every == 0:
-      vm = pairwise_metrics(validation, scorer(state.params).score_tokens(
-          validation.tokens, validation.lengths))
-      writer.write_scalars(step + 1, {f"validation/{k}": v for k, v in vm.items()})
-      print(f"[validation {step + 1}] accuracy={vm['accuracy']:.3f}", flush=True)
-    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-      ckpt.save(step + 1, _checkpointed(state), {"phase": "rm"})
+  train = pairs.train
+
+  def step_fn(state: TrainState, step: int):
+    batch = make_batch(train, batch_pairs(config, step, train.chosen.size))
+    state, m = update(state, sharding.shard_batch(batch, mesh))
+    return state, m, step_work(model.config, batch, config.lm_coef)
+
+  def eval_fn(state: TrainState, step: int):
+    v = pairs.validation
+    return pairwise_metrics(v, score_tokens(state.params)(v.tokens, v.lengths))
+
+  loop = trainer.LoopConfig(name="rm", steps=config.steps, log_every=LOG_EVERY,
+                            checkpoint_every=config.checkpoint_every,
+                            eval_every=config.eval_every, progress_keys=PROGRESS_KEYS,
+                            eval_keys=("accuracy",))
+  t_train = time.time()
+  state = trainer.run_loop(
+      loop, state, step_fn, start=start, writer=writer,
+      save_fn=lambda step, s: ckpt.save(step, trainer.train_state_checkpoint(s), {"phase": "rm"}),
+      eval_fn=eval_fn if pairs.validation is not None else None,
+      peak_flops=trainer.device_peak_flops(mesh), after_first_step=after_first_step)
   ckpt.close()
   train_seconds = time.time() - t_train
 
   t_eval = time.time()
-  score = scorer(state.params)
-  summary = pairwise_metrics(heldout, score.score_tokens(heldout.tokens, heldout.lengths),
-                             "heldout_")
-  sample = np.random.default_rng([config.seed, 3]).permutation(train.chosen.size)[:1000]
-  sub = train._replace(chosen=train.chosen[sample], rejected=train.rejected[sample],
-                       kind=train.kind[sample], question=train.question[sample])
-  rows = np.unique(np.concatenate([sub.chosen, sub.rejected]))
-  scores = np.zeros([train.tokens.shape[0]], np.float32)
-  scores[rows] = score.score_tokens(train.tokens[rows], train.lengths[rows])
-  summary.update(pairwise_metrics(sub, scores, "train_"))
+  summary = final_metrics(score_tokens(state.params), pairs.heldout, train, config.seed)
   summary.update(
       steps=config.steps, num_train_pairs=int(train.chosen.size), num_params=num_params,
       eval_split=config.eval_split, train_seconds=train_seconds,
       eval_seconds=time.time() - t_eval, wall_seconds=time.time() - t_start)
   writer.write_scalars(config.steps, {f"eval/{k}": v for k, v in summary.items()
                                       if isinstance(v, (int, float))})
-  writer.flush()
-  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
-  print("[rm summary] " + " ".join(f"{k}={v:.3f}" for k, v in sorted(summary.items())
-                                   if isinstance(v, float)), flush=True)
+  trainer.write_summary(workdir, summary, writer)
+  trainer.say("[rm summary] " + " ".join(f"{k}={v:.3f}" for k, v in sorted(summary.items())
+                                         if isinstance(v, float)))
   return summary
 
 
@@ -599,7 +649,7 @@ def load_reward_model(workdir: str, step: int | None = None
   """`(model, params, tokenizer)` of a reward-model workdir (latest checkpoint by default)."""
   from jaxsearch.train.config_files import config_from_dict  # noqa: PLC0415
   config = load_config(workdir)
-  with open(os.path.join(workdir, "trunk_config.json")) as f:
+  with open(os.path.join(workdir, TRUNK_CONFIG_FILE)) as f:
     trunk_config = config_from_dict(TransformerConfig, json.load(f))
   tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, "tokenizer.model"))
   model = RewardModel(trunk_config, config.head)

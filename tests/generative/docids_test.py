@@ -276,5 +276,36 @@ class ErrorsTest(parameterized.TestCase):
       D.validate_docids(bad)
 
 
+class BuilderRegistryTest(parameterized.TestCase):
+  """`build_docids(kind, inputs)` calls the registered builder with the inputs it names."""
+
+  def test_each_kind_is_its_builder(self):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    paths = [("entity", "city" if i % 2 else "person", str(i)) for i in range(40)]
+    inputs = {"n": 40, "base": 4, "embeddings": lambda: emb, "k": 3, "c": 5, "levels": 2,
+              "codebook_size": 8, "seed": 1, "paths": paths}
+    direct = {"atomic": D.atomic_docids(40), "naive": D.naive_docids(40, 4),
+              "semantic": D.semantic_docids(emb, k=3, c=5, seed=1),
+              "rq": D.rq_docids(emb, levels=2, codebook_size=8, seed=1),
+              "hypernym": D.hypernym_docids(paths)}
+    self.assertCountEqual(D.KINDS, D.DOCID_BUILDERS.names())
+    for kind in D.KINDS:
+      got = D.build_docids(kind, inputs)
+      np.testing.assert_array_equal(got.codes, direct[kind].codes, err_msg=kind)
+      self.assertEqual(got.num_codes, direct[kind].num_codes)
+
+  def test_lazy_inputs_are_computed_only_when_taken(self):
+    def boom():
+      raise AssertionError("embeddings computed for a kind that does not use them")
+    self.assertEqual(D.build_docids("naive", {"n": 5, "base": 2, "embeddings": boom}).num_codes, 2)
+
+  def test_missing_inputs_and_unknown_kinds_are_named(self):
+    with self.assertRaisesRegex(ValueError, "docID kind 'semantic' needs inputs \\['embeddings'\\]"):
+      D.build_docids("semantic", {"n": 5})
+    with self.assertRaisesRegex(LookupError, "unknown docID kind 'random'"):
+      D.build_docids("random", {"n": 5})
+
+
 if __name__ == "__main__":
   absltest.main()

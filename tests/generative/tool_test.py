@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ from absl.testing import absltest
 
 from jaxsearch.generative import dsi
 from jaxsearch.generative.docids import atomic_docids, docid_tokens, naive_docids
+from jaxsearch.config_files import config_from_dict, config_to_json
+from jaxsearch.generative.search_tool import GenerativeSearch
 from jaxsearch.generative.tool import GenerativeSearchClient
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.retrieval.http_tool import make_http_retrieve_fn
@@ -106,17 +110,26 @@ class GenerativeSearchClientTest(absltest.TestCase):
       GenerativeSearchClient(model, params, CharTokenizer(), docids, layout, ["a", "b"])
 
   def test_run_config_checks_the_generative_tool(self):
-    with self.assertRaisesRegex(ValueError, "exclusive"):
-      RunConfig(search_url="http://x", generative_retriever="runs/dsi")
-    base = RunConfig(generative_retriever="runs/dsi")
-    with self.assertRaisesRegex(ValueError, "generative_beam_size \\(1\\) must be >= "):
-      dataclasses.replace(base, generative_beam_size=1)
+    with self.assertRaisesRegex(ValueError, "GenerativeSearch.beam_size \\(1\\) must be >= "):
+      RunConfig(search_tool=GenerativeSearch(workdir="runs/dsi", beam_size=1))
+    with self.assertRaisesRegex(ValueError, "GenerativeSearch.workdir must be a DSI workdir"):
+      GenerativeSearch(workdir="")
+    # A saved config names its tool by kind and comes back as the same tool; so does the
+    # config of a workdir written before search tools were configs.
+    workdir = os.path.abspath("runs/dsi")   # saved configs record absolute paths
+    config = RunConfig(search_tool=GenerativeSearch(workdir=workdir, beam_size=4))
+    again = config_from_dict(RunConfig, json.loads(config_to_json(config)))
+    self.assertEqual(again.search_tool, config.search_tool)
+    old = json.loads(config_to_json(RunConfig()))
+    del old["search_tool"]
+    old.update(generative_retriever=workdir, generative_beam_size=4, search_url="")
+    self.assertEqual(config_from_dict(RunConfig, old).search_tool, config.search_tool)
 
 
 @pytest.mark.slow
 class AgentWithGenerativeRetrieverTest(absltest.TestCase):
   """The search agent's environment answers searches with a trained DSI model (from gin:
-  `RunConfig.generative_retriever = WORKDIR`)."""
+  `SEARCH_TOOL = @search_tool.GenerativeSearch()`, `GenerativeSearch.workdir = WORKDIR`)."""
 
   def test_the_agents_searches_are_decoded_into_docids(self):
     import tempfile  # noqa: PLC0415
@@ -133,8 +146,8 @@ class AgentWithGenerativeRetrieverTest(absltest.TestCase):
                                 num_kv_heads=2, mlp_dim=128, max_len=64),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10), beam_sizes=(5,),
         baselines=(), latency_queries=0, eval_batch_size=16), workdir)
-    exp = setup(RunConfig(world=world, tokenizer_vocab_size=400, generative_retriever=workdir,
-                          generative_beam_size=5))
+    exp = setup(RunConfig(world=world, tokenizer_vocab_size=400,
+                          search_tool=GenerativeSearch(workdir=workdir, beam_size=5)))
     questions = [q.question for q in exp.world.splits["train"][:6]]
     blocks, ids = exp.respond(questions)
     client = GenerativeSearchClient.from_workdir(workdir, beam_size=5)

@@ -51,7 +51,7 @@ class GinErrorTest(parameterized.TestCase):
     msg = self.parse_error(["sft/optim.OptimizerConfig.learning_rat = 1e-3"])
     self.assertIn("did you mean 'learning_rate'?", msg)
 
-  @parameterized.parameters("steps.GRPOConfg", "stepz.PolicyGradientConfig")
+  @parameterized.parameters("steps.PolicyGradientConfg", "stepz.PolicyGradientConfig")
   def test_misspelt_configurable_names_the_right_one(self, name):
     msg = self.parse_error([f"{name}.num_generations = 4"])
     self.assertIn(f"No configurable matching '{name}'", msg)
@@ -78,6 +78,18 @@ class GinErrorTest(parameterized.TestCase):
 
   def test_other_errors_are_left_alone(self):
     self.assertEqual(launcher.explain_gin_error(ValueError("something else")), "")
+
+  @parameterized.parameters(("jaxsearch.train", "loop", "jaxsearch.programs.search_agent import loop"),
+                            ("jaxsearch.train", "dsi", "jaxsearch.programs import generative_retrieval"),
+                            ("jaxsearch.retrieval", "dense", "jaxsearch.retrieval import mips"))
+  def test_a_moved_module_names_its_new_place(self, package, module, new):
+    path = os.path.join(tempfile.mkdtemp(), "old.gin")
+    with open(path, "w") as f:
+      f.write(f"from __gin__ import dynamic_registration\nfrom {package} import {module}\n")
+    with self.assertRaises(ImportError) as ctx:
+      launcher.parse_gin([path], [])
+    self.assertIn(f"Fix: {package}.{module} moved: write `from {new}", str(ctx.exception))
+    self.assertEqual(launcher.explain_moved_module(ImportError("No module named 'numpyy'")), "")
 
 
 class DataErrorTest(absltest.TestCase):

@@ -202,7 +202,8 @@ class ConsoleTest(absltest.TestCase):
     self.assertIn("run jaxsearch.programs.dense_retriever.run", out.stdout)
     self.assertIn("gin files: gin/experiments/dense_retriever.gin (+17 bindings)", out.stdout)
     self.assertIn(f"workdir:   {workdir}", out.stdout)
-    self.assertIn("steps=2 batch_size=16", out.stdout)
+    for value in ("steps=2", "batch_size=16", "corpus=world"):   # key config values
+      self.assertRegex(out.stdout, rf"\s{value}(\s|$)")
     self.assertIn("[dense 1/2] loss=", out.stdout)
     self.assertIn("[dense 2/2] loss=", out.stdout)
     self.assertLess(out.stdout.index("run jaxsearch"), out.stdout.index("[dense 1/2]"))

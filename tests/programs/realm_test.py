@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import absltest
 from flax import linen as nn
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
+from jaxsearch.data.tokenizer import ByteTokenizer
 from jaxsearch.data.world import WorldConfig
 from jaxsearch.models.encoder import EncoderConfig, init_encoder_params
 from jaxsearch.models.transformer import Transformer, TransformerConfig
@@ -78,11 +81,6 @@ class RealmConfigTest(absltest.TestCase):
     for field, kwargs in cases.items():
       with self.subTest(field), self.assertRaisesRegex(ValueError, field):
         dataclasses.replace(TINY, **kwargs)
-
-  def test_top_k_larger_than_a_world(self):
-    with self.assertRaisesRegex(ValueError, "top_k"):
-      realm.run(dataclasses.replace(TINY, top_k=10_000), tempfile.mkdtemp())
-
 
 class GinExperimentTest(absltest.TestCase):
 
@@ -198,69 +196,216 @@ class UpdateTest(absltest.TestCase):
     np.testing.assert_allclose(float(losses[0]), float(losses[1]), rtol=1e-5)
 
 
-class RealmRunTest(absltest.TestCase):
+class DataTest(absltest.TestCase):
+  """`build_data` on two tiny worlds with the byte tokenizer (no training)."""
 
-  CONFIG = dataclasses.replace(TINY, refresh_every=3, steps=4, train_worlds=1,
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = dataclasses.replace(TINY, train_worlds=1)
+    cls.worlds = realm.build_worlds(cls.config)
+    cls.tok = ByteTokenizer()
+    cls.data = realm.build_data(cls.config, cls.worlds, cls.tok)
+
+  def test_segments_gold_rows_and_passages(self):
+    data, (w0, w1) = self.data, self.worlds
+    n0, n1 = len(w0.documents), len(w1.documents)
+    self.assertEqual(data.segments, ((0, n0), (n0, n0 + n1)))
+    self.assertNotEqual(w0.documents[0].text, w1.documents[0].text)   # other facts
+    questions = [*realm.unique_questions(w0.splits["train"]),
+                 *realm.unique_questions(w1.splits["train"])]
+    self.assertLen(data.train_world, len(questions))
+    for i in (0, len(questions) - 1):         # one question of each world
+      q, w = questions[i], data.train_world[i]
+      world = self.worlds[w]
+      doc = world.documents[world.doc_index(q.supporting_doc_ids[0])]
+      row = int(data.train_q.gold[i])
+      self.assertBetween(row, *data.segments[w])
+      passage = data.corpus.passage[row][data.corpus.passage_mask[row]]
+      self.assertEqual(self.tok.decode(passage), f"<information>{doc.text}</information>")
+      answer = data.train_q.answer[i][data.train_q.answer_mask[i]]
+      self.assertEqual(self.tok.decode(answer), f"<answer>{q.answers[0]}</answer>")
+      # The reader's question has the subject removed (reader_sees_subject=False).
+      prefix = self.tok.decode(data.train_q.prefix[i][data.train_q.prefix_mask[i]][1:])
+      self.assertNotIn(q.search_queries[0], prefix)
+      self.assertIn(q.search_queries[0], self.tok.decode(
+          data.train_q.enc_ids[i][data.train_q.enc_mask[i] > 0]))
+
+  def test_eval_questions_share_the_training_widths(self):
+    data = self.data
+    for field in ("enc_ids", "prefix", "answer"):
+      self.assertEqual(getattr(data.eval_q, field).shape[1],
+                       getattr(data.train_q, field).shape[1], field)
+    self.assertLen(data.eval_questions, data.eval_q.gold.shape[0])
+    self.assertLess(int(data.eval_q.gold.max()), data.segments[0][1])   # the first world's
+
+  def test_top_k_larger_than_a_world(self):
+    with self.assertRaisesRegex(ValueError, "top_k"):
+      realm.build_data(dataclasses.replace(self.config, top_k=10_000), self.worlds, self.tok)
+
+
+class BatchTest(absltest.TestCase):
+
+  def test_realm_batch_and_support_metrics(self):
+    q = realm.Questions(*(np.arange(4 * 3).reshape(4, 3) + 100 * i for i in range(6)),
+                        gold=np.array([5, 1, 2, 0], np.int32))
+    emb = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)
+    doc_ids = np.array([[5, 3], [4, 1]])
+    batch = realm.realm_batch(q, np.array([0, 1]), doc_ids, np.ones((2, 2)), emb)
+    np.testing.assert_array_equal(batch.prefix, q.prefix[:2])
+    np.testing.assert_array_equal(batch.doc_vecs[1, 0], [8.0, 9.0])      # row 4 of the index
+    self.assertEqual(batch.doc_ids.dtype, np.int32)
+    # Question 0's gold 5 is first; question 1's gold 1 is second: in top-k 2/2, top-1 1/2.
+    self.assertEqual(realm.support_metrics(doc_ids, q.gold[:2]),
+                     {"support_in_topk": 1.0, "support_top1": 0.5})
+    self.assertEqual(realm.support_metrics(doc_ids, np.array([0, 2])),
+                     {"support_in_topk": 0.0, "support_top1": 0.0})
+
+
+class _Train(NamedTuple):
+  params: dict
+
+
+class StepFnTest(absltest.TestCase):
+  """`make_step_fn` with a stand-in update and encoders: refresh cadence, retrieval from the
+  world's segment, metrics averaged over the log window."""
+
+  def test_refresh_cadence_segments_and_window_means(self):
+    # 4 documents in two worlds; document j is e_j; a question's embedding is e_(its enc id).
+    corpus = realm.Corpus(*(np.zeros((4, 2), np.int32) for _ in range(4)))
+    enc = np.array([[0], [1], [2], [3]], np.int32)
+    ones = np.ones((4, 1), np.int32)
+    q = realm.Questions(enc, ones, ones, ones.astype(bool), ones, ones.astype(bool),
+                        gold=np.array([0, 0, 2, 3], np.int32))
+    data = realm.RealmData(corpus, ((0, 2), (2, 4)), [], q, np.array([0, 0, 1, 1], np.int32),
+                           q, [], {"enc": 1, "prefix": 1, "answer": 1})
+    config = dataclasses.replace(TINY, top_k=1, batch_size=2, refresh_every=3, log_every=2)
+    loop = realm.trainer.LoopConfig(name="train", steps=5, log_every=2)
+    embed = lambda params, ids, mask: np.eye(4, dtype=np.float32)[ids[:, 0]]
+    embed_docs = lambda doc: np.eye(4, dtype=np.float32) * doc     # the "doc encoder" scales
+    seen = []
+
+    def update(train, batch, corpus):
+      seen.append(batch)
+      loss = float(len(seen))                                       # 1, 2, 3, ...
+      return _Train({**train.params, "doc": train.params["doc"] + 1}), {
+          "loss": loss, "stale_score_gap": 10 * loss}
+
+    step_fn = realm.make_step_fn(config, loop, data, update, embed, embed_docs, corpus)
+    state = realm.RealmState(_Train({"query": None, "doc": 1.0}),
+                             realm.StaleIndex("exact", realm.ScannConfig(), embed_docs(1.0), 0,
+                                              data.segments))
+    out = []
+    for step in range(5):
+      state, m, work = step_fn(state, step)
+      out.append(m)
+    self.assertGreater(work.tokens, 0)
+    # Steps 0..4 run 0, 1, 2, 0, 1 steps after a refresh; step 3 refreshes with doc = 4.
+    self.assertEqual([m["index/steps_since_refresh"] for m in out], [0, 1, 2, 0, 1])
+    self.assertEqual([m["index/refreshes"] for m in out], [0, 0, 0, 1, 1])
+    self.assertEqual(state.index.refreshed_at, 3)
+    np.testing.assert_array_equal(state.index.embeddings, np.eye(4) * 4.0)
+    # Means over the window since the last log step (logs after steps 2 and 4 and 5).
+    self.assertEqual([m["loss"] for m in out], [1.0, 1.5, 3.0, 3.5, 5.0])
+    self.assertEqual([m["index/stale_score_gap"] for m in out], [10, 20, 30, 40, 50])
+    self.assertEqual(out[1]["index/stale_score_gap_mean"], 15.0)
+    self.assertNotIn("stale_score_gap", out[0])
+    # Every batch is one world's questions, retrieved from that world's documents only.
+    for batch in seen:
+      worlds = {int(d) // 2 for d in batch.doc_ids[:, 0]}
+      self.assertLen(worlds, 1)
+      np.testing.assert_array_equal(batch.doc_ids[:, 0] // 2, batch.enc_ids[:, 0] // 2)
+    # A question is retrieved its own document (e_j . e_j is the only non-zero score).
+    np.testing.assert_array_equal(seen[0].doc_ids[:, 0], seen[0].enc_ids[:, 0])
+
+
+class _CopyReader:
+  """A stand-in reader: after `<answer>` it predicts the passage's first word (the token at
+  `answer_at`), after anything else `</answer>`."""
+
+  def __init__(self, answer_at: int, answer_id: int, end_id: int, vocab: int):
+    self.answer_at, self.answer_id, self.end_id, self.vocab = answer_at, answer_id, end_id, vocab
+
+  def apply(self, variables, tokens, positions=None, attention_mask=None):
+    copy = jax.nn.one_hot(tokens[:, self.answer_at], self.vocab)[:, None, :]
+    end = jax.nn.one_hot(self.end_id, self.vocab)
+    return jnp.where((tokens == self.answer_id)[..., None], copy, end)
+
+
+class EvaluateTest(absltest.TestCase):
+
+  def test_recall_and_exact_match_by_hand(self):
+    tok = ByteTokenizer()
+    tag = tok.tag_id
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    # Documents 0 and 2 say "a", document 1 says "b"; the index holds e_0, e_1, e_2.
+    passage = np.array([[tag("<information>"), w, tag("</information>")] for w in (a, b, a)])
+    corpus = realm.Corpus(np.zeros((3, 1), np.int32), np.ones((3, 1), np.int32), passage,
+                          np.ones((3, 3), bool))
+    index = realm.StaleIndex("exact", realm.ScannConfig(), np.eye(3, dtype=np.float32), 0)
+    # Query vectors rank the documents [0, 1], [1, 2], [0, 2], [2, 1]; the golds are 0, 1, 2, 1.
+    vectors = np.array([[1, .5, 0], [0, 1, .5], [1, 0, .5], [0, .5, 1]], np.float32)
+    gold = np.array([0, 1, 2, 1], np.int32)
+    answers = ["a", "b", "a", "b"]
+    n = len(gold)
+    questions = realm.Questions(
+        np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.int32),
+        np.full((n, 2), tok.bos_id, np.int32), np.ones((n, 2), bool),
+        np.array([[tag("<answer>"), tok.encode(x)[0], tag("</answer>")] for x in answers]),
+        np.ones((n, 3), bool), gold)
+    embed = lambda params, ids, mask: vectors[np.asarray(ids)[:, 0]]
+    reader = _CopyReader(answer_at=2 + 1, answer_id=tag("<answer>"), end_id=tag("</answer>"),
+                         vocab=tok.vocab_size)
+    raw = [SimpleNamespace(answers=[x]) for x in answers]
+    got = realm.evaluate(dataclasses.replace(TINY, top_k=2, eval_batch_size=3), {"query": None,
+                         "reader": None}, questions, corpus, index, embed, reader, tok, raw)
+    # top-1 hits: q0, q1 (2/4); top-2: all four. The reader copies the top-1 passage's word:
+    # a, b, a (right word, wrong document), a (wrong): em 3/4; from the gold document: 4/4.
+    self.assertEqual(got, {"recall@1": 0.5, "recall@k": 1.0, "recall@2": 1.0, "em": 0.75,
+                           "em_gold_doc": 1.0, "num_eval_questions": 4})
+
+
+class RealmRunTest(absltest.TestCase):
+  """One end-to-end run (two worlds, the warm-ups, checkpoints, summary), then a resume."""
+
+  CONFIG = dataclasses.replace(TINY, refresh_every=3, steps=2, train_worlds=1,
                                reader_warmup_steps=1, ict_steps=1)
 
-  def test_steps_staleness_refresh_warmups_and_extra_worlds(self):
+  def test_run_and_resume(self):
     workdir = tempfile.mkdtemp()
     config = self.CONFIG
     summary = realm.run(config, workdir)
     for key in ("recall@1", "recall@k", "recall@2", "em", "em_gold_doc"):
       self.assertBetween(summary[key], 0.0, 1.0)
+    for key in ("ict_loss", "ict_accuracy", "reader_warmup_loss", "num_params",
+                "train_seconds", "wall_seconds"):
+      self.assertIn(key, summary)
     self.assertEqual(summary["num_train_docs"], 2 * summary["num_docs"])
-    rows = metrics_lib.read_metrics(workdir)
-    train_rows = [r for r in rows if "index/steps_since_refresh" in r]
-    self.assertEqual([r["step"] for r in train_rows], [1, 2, 3, 4])
-    # The update of step s (row s + 1) runs s - (last multiple of 3) steps after a refresh.
-    self.assertEqual([r["index/steps_since_refresh"] for r in train_rows], [0, 1, 2, 0])
-    self.assertEqual([r["index/refreshes"] for r in train_rows], [0, 0, 0, 1])
-    gaps = [r["index/stale_score_gap"] for r in train_rows]
-    # Right after a refresh the index holds the live doc encoder's embeddings: no gap.
-    self.assertLess(gaps[0], 1e-5)
-    self.assertLess(gaps[3], 1e-5)
-    # In between, the trained doc encoder has moved away from the index.
-    for i in (1, 2):
-      self.assertGreater(gaps[i], 1e-5)
-    # The checkpointed index is the refresh of step 3, made with the params of step 3, over
-    # both worlds' documents.
-    params3, _, _ = _params(workdir, 3)
-    params4, index4, refreshed4 = _params(workdir, 4)
-    self.assertEqual(refreshed4, 3)
-    embed = jax.jit(realm.make_embed_fn(realm.BertEncoder(dataclasses.replace(
-        config.encoder, vocab_size=_vocab(workdir)))))
-    corpus = _corpus(config, workdir)
-    self.assertEqual(index4.shape[0], corpus.enc_ids.shape[0])
-    np.testing.assert_allclose(
-        index4, np.asarray(embed(params3["doc"], corpus.enc_ids, corpus.enc_mask)), atol=1e-5)
-    self.assertTrue(_changed(params3["query"], params4["query"]))
+    with open(os.path.join(workdir, "summary.json")) as f:
+      self.assertEqual(json.load(f)["recall@1"], summary["recall@1"])
+    self.assertEqual(realm.load_config(workdir), config)
+    rows = [r for r in metrics_lib.read_metrics(workdir) if "train/loss" in r]
+    self.assertEqual([r["step"] for r in rows], [1, 2])
+    self.assertEqual([r["index/steps_since_refresh"] for r in rows], [0, 1])
+    # The trained doc encoder has moved away from the index of step 0.
+    self.assertLess(rows[0]["index/stale_score_gap"], 1e-5)
+    self.assertGreater(rows[1]["index/stale_score_gap"], 1e-5)
+    params2, index2, refreshed2 = _params(workdir, 2)
+    self.assertEqual((refreshed2, index2.shape[0]), (0, 2 * summary["num_docs"]))
 
-  @pytest.mark.slow
-  def test_resume(self):
-    workdir = tempfile.mkdtemp()
-    config = self.CONFIG
-    realm.run(config, workdir)
-    # Resume (with the ScaNN index this time): three more steps continue from step 4.
-    realm.run(dataclasses.replace(config, steps=7, index="scann"), workdir)
-    rows = [r for r in metrics_lib.read_metrics(workdir) if "index/steps_since_refresh" in r]
-    self.assertEqual([r["step"] for r in rows], [1, 2, 3, 4, 5, 6, 7])
-    self.assertEqual([r["index/steps_since_refresh"] for r in rows[4:]], [1, 2, 0])
-    _, _, refreshed7 = _params(workdir, 7)
-    self.assertEqual(refreshed7, 6)
-    self.assertTrue(os.path.exists(os.path.join(workdir, "summary.json")))
-
-
-def _vocab(workdir: str) -> int:
-  return realm.SentencePieceTokenizer.load(os.path.join(workdir, "tokenizer.model")).vocab_size
-
-
-def _corpus(config, workdir):
-  from jaxsearch.data.world import build_world  # noqa: PLC0415
-  tok = realm.SentencePieceTokenizer.load(os.path.join(workdir, "tokenizer.model"))
-  worlds = [build_world(dataclasses.replace(config.world, seed=config.world.seed + 1000 * w))
-            for w in range(config.train_worlds + 1)]
-  return realm.build_corpus(worlds, tok)
+    # Resume: one more step from the checkpoint of step 2, its stale index restored (no
+    # refresh before step 3): two steps since the refresh of step 0.
+    resumed = realm.run(dataclasses.replace(config, steps=3), workdir)
+    rows = [r for r in metrics_lib.read_metrics(workdir) if "train/loss" in r]
+    self.assertEqual([r["step"] for r in rows], [1, 2, 3])
+    self.assertEqual(rows[2]["index/steps_since_refresh"], 2)
+    params3, index3, refreshed3 = _params(workdir, 3)
+    self.assertEqual(refreshed3, 0)
+    np.testing.assert_array_equal(index3, index2)
+    self.assertTrue(_changed(params2["query"], params3["query"]))
+    self.assertEqual(resumed["steps"], 3)
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, realm.CHECKPOINT_DIR))),
+                     ["2", "3"])
 
 
 if __name__ == "__main__":

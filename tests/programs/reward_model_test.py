@@ -1,9 +1,11 @@
-"""Reward-model experiment: preference pairs, a short Bradley–Terry run, resume, the adapter."""
+"""Reward-model experiment: preference pairs, batches, the update and the evaluation on
+hand-made inputs, one tiny run (files, cadence, resume, the saved model), and the gin file."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -20,6 +22,7 @@ from jaxsearch.models.heads import RewardModel, ValueHeadConfig
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.rewards.qa import REWARDS
 from jaxsearch.programs import reward_model as rm
+from jaxsearch.train import sharding
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 
@@ -190,65 +193,187 @@ class UpdateTest(absltest.TestCase):
         self.assertAlmostEqual(float(m["lm_loss"]), float(np.mean(nll)), places=5)
 
 
+def hand_pairs() -> rm.PreferenceData:
+  """Five episodes (token 0 of each = its id + 1) and four pairs over them, by hand."""
+  tokens = np.zeros((5, 40), np.int32)
+  tokens[:, 0] = np.arange(1, 6)
+  lengths = np.array([3, 33, 40, 7, 1], np.int32)
+  agent_mask = np.zeros((5, 40), bool)
+  agent_mask[1, 2] = agent_mask[3, 5] = True
+  return rm.PreferenceData(
+      tokens, lengths, agent_mask,
+      chosen=np.array([0, 0, 3, 3], np.int32), rejected=np.array([1, 2, 4, 1], np.int32),
+      kind=np.array([0, 1, 0, 3], np.int32), question=np.array([0, 0, 1, 1], np.int32))
+
+
+class BatchTest(absltest.TestCase):
+
+  def test_batch_pairs_are_seeded_epochs(self):
+    config = small_config(batch_size=4, seed=7)
+    # Today's order is the pre-skeleton one: epoch e is permutation(n) of rng [seed, 1, e].
+    for step in range(6):
+      epoch, pos = divmod(step * 4, 10)
+      order = np.random.default_rng([7, 1, epoch]).permutation(10)
+      np.testing.assert_array_equal(rm.batch_pairs(config, step, 10),
+                                    np.take(order, np.arange(pos, pos + 4), mode="wrap"))
+    # Five steps of 4 over 20 pairs: every pair once per epoch; another seed, another order.
+    seen = np.concatenate([rm.batch_pairs(config, s, 20) for s in range(5)])
+    self.assertEqual(sorted(seen.tolist()), list(range(20)))
+    other = np.concatenate([rm.batch_pairs(small_config(batch_size=4, seed=8), s, 20)
+                            for s in range(5)])
+    self.assertFalse(np.array_equal(seen, other))
+
+  def test_make_batch_rows_widths_and_masks(self):
+    d = hand_pairs()
+    b = rm.make_batch(d, np.array([0, 2]))          # pairs (0, 1) and (3, 4)
+    self.assertEqual(b.chosen.shape, (2, 40))        # longest episode 33 -> 64, capped at 40
+    np.testing.assert_array_equal(b.chosen[:, 0], [1, 4])
+    np.testing.assert_array_equal(b.rejected[:, 0], [2, 5])
+    np.testing.assert_array_equal(b.chosen_lengths, [3, 7])
+    np.testing.assert_array_equal(b.rejected_lengths, [33, 1])
+    np.testing.assert_array_equal(b.chosen_agent_mask, d.agent_mask[[0, 3]])
+    narrow = rm.make_batch(d, np.array([2]))         # pair (3, 4): longest 7 -> 32
+    self.assertEqual(narrow.chosen.shape, (1, 32))
+    self.assertEqual(narrow.rejected.shape, (1, 32))
+    self.assertTrue(narrow.chosen_agent_mask[0, 5])
+    self.assertEqual(rm.make_batch(d, np.array([2]), multiple=8).chosen.shape, (1, 8))
+
+  def test_step_work_counts_the_head_only_where_it_runs(self):
+    trunk = TransformerConfig(vocab_size=100, d_model=16, num_layers=1, num_heads=2,
+                              num_kv_heads=2, mlp_dim=32)
+    b = rm.make_batch(hand_pairs(), np.array([2, 2]))   # 2 pairs x 32 tokens, twice
+    per_token = sharding.transformer_flops_per_token(trunk, 32)
+    head = 6 * 16 * 100
+    bt = rm.step_work(trunk, b, lm_coef=0.0)
+    self.assertEqual(bt.tokens, 128)
+    self.assertAlmostEqual(bt.flops, 128 * (per_token - head))
+    self.assertAlmostEqual(rm.step_work(trunk, b, lm_coef=1.0).flops,
+                           128 * (per_token - head) + 64 * head)
+
+
+class MetricsTest(absltest.TestCase):
+
+  def test_pairwise_metrics_by_hand(self):
+    d = hand_pairs()
+    scores = np.array([2.0, 1.0, 3.0, 0.0, 0.0])
+    # diffs: 0-1 = 1 (win), 0-2 = -1 (loss), 3-4 = 0 (tie: 1/2), 3-1 = -1 (loss).
+    m = rm.pairwise_metrics(d, scores, "x_")
+    self.assertEqual(m["x_accuracy"], 1.5 / 4)
+    self.assertEqual(m["x_margin"], -0.25)
+    self.assertEqual(m["x_pairs"], 4)
+    self.assertEqual(m["x_accuracy_wrong_answer"], 0.75)     # pairs 0 and 2
+    self.assertEqual(m["x_accuracy_no_search"], 0.0)
+    self.assertEqual(m["x_accuracy_malformed"], 0.0)
+    self.assertNotIn("x_accuracy_stop_early", m)
+
+  def test_final_metrics_scores_held_out_and_a_train_sample(self):
+    d = hand_pairs()
+    scored = []
+
+    def score_tokens(tokens, lengths):   # the score of an episode is its first token
+      scored.append(tokens[:, 0].copy())
+      return tokens[:, 0].astype(np.float32)
+
+    m = rm.final_metrics(score_tokens, d, d, seed=0)
+    # First token = row + 1: pairs (0,1), (0,2), (3,4), (3,1) lose, lose, lose, win.
+    self.assertEqual(m["heldout_accuracy"], 0.25)
+    self.assertEqual(m["train_accuracy"], 0.25)        # 4 pairs < 1000: all of them
+    self.assertEqual(m["heldout_margin"], -0.5)        # (-1 - 2 - 1 + 2) / 4
+    self.assertEqual(m["train_pairs"], 4)
+    self.assertEqual(sorted(scored[1].tolist()), [1, 2, 3, 4, 5])   # each episode once
+
+  def test_train_sample_is_seeded_and_capped(self):
+    n = 1500
+    d = rm.PreferenceData(np.zeros((2, 1), np.int32), np.ones(2, np.int32),
+                          np.zeros((2, 1), bool), np.arange(n, dtype=np.int32),
+                          np.arange(n, dtype=np.int32) + n, np.zeros(n, np.int32),
+                          np.arange(n, dtype=np.int32))
+    a, b = rm.train_sample(d, 3), rm.train_sample(d, 3)
+    self.assertLen(a.chosen, 1000)
+    self.assertLen(set(a.chosen.tolist()), 1000)
+    np.testing.assert_array_equal(a.chosen, b.chosen)
+    np.testing.assert_array_equal(a.rejected, a.chosen + n)   # pairs stay whole
+    np.testing.assert_array_equal(a.question, a.chosen)
+    np.testing.assert_array_equal(
+        a.chosen, np.random.default_rng([3, 3]).permutation(n)[:1000])
+
+
 class RunTest(absltest.TestCase):
+  """One tiny end-to-end run: files, checkpoints, summary keys, resume, reloading."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.workdir = tempfile.mkdtemp()
-    cls.config = small_config()
-    cls.summary = rm.run(cls.config, cls.workdir)
+    cls.config = small_config(
+        model=TransformerConfig(vocab_size=512, d_model=16, num_layers=1, num_heads=2,
+                                num_kv_heads=2, mlp_dim=32),
+        steps=4, batch_size=8, pairs_per_question=1, extra_train_worlds=0,
+        checkpoint_every=2, eval_every=2)
+    cls.calls = []
+    cls.summary = rm.run(cls.config, cls.workdir, after_first_step=lambda: cls.calls.append(1))
 
-  def test_held_out_accuracy_clearly_above_chance(self):
-    s = self.summary
-    self.assertGreater(s["heldout_accuracy"], 0.75)
-    self.assertGreater(s["heldout_pairs"], 40)
-    for kind in rm.REJECTION_KINDS:
-      self.assertIn(f"heldout_accuracy_{kind}", s)
-    self.assertEqual(s["eval_split"], "test")
-    self.assertGreater(s["train_accuracy"], 0.75)
-
-  def test_workdir_files_and_metrics(self):
+  def test_workdir_summary_and_metrics(self):
+    self.assertEqual(self.calls, [1])
     names = set(os.listdir(self.workdir))
     for name in ("summary.json", "metrics.jsonl", "tokenizer.model", rm.CONFIG_FILE,
-                 "trunk_config.json", "checkpoints"):
+                 rm.TRUNK_CONFIG_FILE, "checkpoints"):
       self.assertIn(name, names)
     self.assertEqual(sorted(os.listdir(os.path.join(self.workdir, rm.CHECKPOINT_DIR))),
-                     ["20", "40"])
-    rows = metrics_lib.read_metrics(self.workdir)
-    losses = [r["rm/bt_loss"] for r in rows if "rm/bt_loss" in r]
-    self.assertLen(losses, 2)                        # steps 25 and 40
-    self.assertLess(losses[-1], np.log(2.0))         # below the loss of a constant reward
-    with open(os.path.join(self.workdir, "summary.json")) as f:
-      self.assertEqual(json.load(f)["heldout_accuracy"], self.summary["heldout_accuracy"])
+                     ["2", "4"])
     self.assertEqual(rm.load_config(self.workdir), self.config)
-
-  def test_resume_retrains_nothing(self):
-    again = rm.run(self.config, self.workdir)
-    for key in ("heldout_accuracy", "heldout_margin", "train_accuracy"):
-      self.assertAlmostEqual(again[key], self.summary[key], places=5)
+    s = self.summary
+    for key in ("heldout_accuracy", "heldout_margin", "heldout_pairs", "train_accuracy",
+                "train_margin", "train_pairs", "steps", "num_train_pairs", "num_params",
+                "eval_split", "train_seconds", "eval_seconds", "wall_seconds",
+                *(f"heldout_accuracy_{k}" for k in rm.REJECTION_KINDS)):
+      self.assertIn(key, s)
+    self.assertEqual(s["steps"], 4)
+    with open(os.path.join(self.workdir, "summary.json")) as f:
+      self.assertEqual(json.load(f)["heldout_accuracy"], s["heldout_accuracy"])
     rows = metrics_lib.read_metrics(self.workdir)
-    self.assertLen([r for r in rows if "rm/loss" in r], 2)
+    self.assertEqual([r["step"] for r in rows if "rm/loss" in r], [4])   # the last step
+    self.assertEqual([r["step"] for r in rows if "validation/accuracy" in r], [2, 4])
+    for key in ("rm/bt_loss", "rm/lm_loss", "rm/s_per_step", "rm/tokens_per_s"):
+      self.assertIn(key, [r for r in rows if "rm/loss" in r][0])
 
-  def test_adapter_prefers_chosen_on_held_out_pairs(self):
+  def test_resume_continues_from_the_checkpoint(self):
+    # A copy of the run as if killed after its step-2 checkpoint.
+    workdir = os.path.join(tempfile.mkdtemp(), "run")
+    shutil.copytree(self.workdir, workdir)
+    shutil.rmtree(os.path.join(workdir, rm.CHECKPOINT_DIR, "4"))
+    os.remove(os.path.join(workdir, "summary.json"))
+    rows = metrics_lib.read_metrics(workdir)
+    with open(os.path.join(workdir, metrics_lib.METRICS_FILE), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= 2)
+    calls = []
+    resumed = rm.run(self.config, workdir, after_first_step=lambda: calls.append(1))
+    self.assertEqual(calls, [1])                     # steps 3 and 4 ran
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, rm.CHECKPOINT_DIR))), ["2", "4"])
+    got = [r for r in metrics_lib.read_metrics(workdir) if "rm/loss" in r]
+    ref = [r for r in metrics_lib.read_metrics(self.workdir) if "rm/loss" in r]
+    self.assertEqual([r["step"] for r in got], [4])
+    self.assertAlmostEqual(got[0]["rm/loss"], ref[0]["rm/loss"], places=5)
+    for key in ("heldout_accuracy", "heldout_margin", "train_accuracy"):
+      self.assertAlmostEqual(resumed[key], self.summary[key], places=5)
+    # A finished workdir trains nothing more.
+    calls.clear()
+    rm.run(self.config, workdir, after_first_step=lambda: calls.append(1))
+    self.assertEqual(calls, [])
+    self.assertLen([r for r in metrics_lib.read_metrics(workdir) if "rm/loss" in r], 1)
+
+  def test_saved_model_reproduces_the_summary(self):
     reward = rm.load_reward_fn(self.workdir)
     exp = rm._environment(self.config, reward.tokenizer, self.config.tokenizer_vocab_size)
-    questions = unique_questions(exp.world.splits["test"])
-    data = rm.build_preference_pairs(exp.world, questions, reward.tokenizer, exp.respond,
-                                     seed=self.config.seed + 1)
-    # Token path: the same accuracy the run reported.
+    data = rm.build_preference_pairs(exp.world, unique_questions(exp.world.splits["test"]),
+                                     reward.tokenizer, exp.respond, seed=self.config.seed + 1)
     scores = reward.score_tokens(data.tokens, data.lengths)
-    self.assertAlmostEqual(rm.pairwise_metrics(data, scores)["accuracy"],
-                           self.summary["heldout_accuracy"], places=5)
-    # Text path, as the RL loop sees episodes: decoded prompt + completion.
-    rows = np.concatenate([data.chosen, data.rejected])
-    qs = [questions[i] for i in np.concatenate([data.question, data.question])]
-    prompts = [demos.PROMPT_TEMPLATE.format(question=q.question) for q in qs]
-    completions = [episode_text(reward.tokenizer, data, r, q) for r, q in zip(rows, qs)]
-    text_scores = reward(completions, [q.answers for q in qs], prompts=prompts)
-    np.testing.assert_allclose(text_scores, scores[rows], atol=1e-5)
-    n = data.chosen.size
-    self.assertGreater(float(np.mean(text_scores[:n] > text_scores[n:])), 0.75)
+    m = rm.pairwise_metrics(data, scores)
+    self.assertEqual(m["pairs"], self.summary["heldout_pairs"])
+    train_qs = unique_questions(exp.world.splits["train"])
+    self.assertEqual(self.summary["num_train_pairs"], len(train_qs))   # 1 per question
+    self.assertAlmostEqual(m["accuracy"], self.summary["heldout_accuracy"], places=6)
+    self.assertAlmostEqual(m["margin"], self.summary["heldout_margin"], places=5)
 
 
 def gin_config(*bindings) -> rm.RewardModelConfig:

@@ -1,4 +1,4 @@
-"""The search agent with its searches answered by a Search-R1-style HTTP server (`search_url`)."""
+"""The search agent with its searches answered by a Search-R1-style HTTP server (`HttpSearch`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +7,7 @@ from absl.testing import absltest
 from jaxsearch.data.world import WorldConfig, build_world
 from jaxsearch.retrieval import corpus as corpus_lib
 from jaxsearch.retrieval.retriever import build_retriever
+from jaxsearch.retrieval.search_tools import HttpSearch
 from jaxsearch.retrieval.server import serve_in_thread
 from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 
@@ -23,7 +24,7 @@ class SearchUrlTest(absltest.TestCase):
     cls.corpus = corpus_lib.from_world(world)
     cls.retriever = build_retriever("bm25", cls.corpus)
     cls.server, _ = serve_in_thread(cls.retriever, cls.corpus)
-    cls.exp = setup(RunConfig(world=WORLD, search_url=cls.server.url + "/retrieve"))
+    cls.exp = setup(RunConfig(world=WORLD, search_tool=HttpSearch(url=cls.server.url + "/retrieve")))
     cls.questions = world.splits["test"][:4]
 
   @classmethod
@@ -65,7 +66,7 @@ class SearchUrlTest(absltest.TestCase):
       self.assertGreater(int(length[row]), 2)
 
   def test_a_dead_server_gives_empty_results(self):
-    exp = setup(RunConfig(world=WORLD, search_url="http://127.0.0.1:9/retrieve"),
+    exp = setup(RunConfig(world=WORLD, search_tool=HttpSearch(url="http://127.0.0.1:9/retrieve")),
                 tokenizer=self.exp.tokenizer)
     ids, mask = self._query_tokens([self.questions[0].search_queries[0]])
     got, _, length = exp.respond_fn(exp.tool, ids, mask)

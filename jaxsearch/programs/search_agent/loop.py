@@ -41,6 +41,7 @@ from flax import linen as nn
 
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import Checkpointer
+from jaxsearch.config_files import absolute_paths
 from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxsearch.programs.search_agent import evaluate as eval_lib
@@ -163,8 +164,10 @@ def share_warm_start(config: RunConfig, workdir: str) -> bool:
   if os.path.isdir(dst) and any(d.isdigit() for d in os.listdir(dst)):
     return False
   src_config = load_config(source)
+  # The saved config records absolute paths: compare with this run's, resolved the same way.
+  resolved = absolute_paths(config)
   differ = [f"RunConfig.{f}" for f in WARM_START_FIELDS
-            if getattr(src_config, f) != getattr(config, f)]
+            if getattr(src_config, f) != getattr(resolved, f)]
   if differ:
     raise ValueError(f"RLConfig.init_from={source!r} was trained with different {differ}: a "
                      "shared warm start needs the same world, tokenizer, model and SFT settings")
@@ -173,7 +176,7 @@ def share_warm_start(config: RunConfig, workdir: str) -> bool:
   if config.sft.steps and config.sft.steps not in steps:
     raise ValueError(f"RLConfig.init_from={source!r} has no finished SFT checkpoint (step "
                      f"{config.sft.steps}); it has steps {steps}: run it first")
-  same_eval = (all(getattr(src_config, f) == getattr(config, f) for f in EVAL_FIELDS)
+  same_eval = (all(getattr(src_config, f) == getattr(resolved, f) for f in EVAL_FIELDS)
                and dict(src_config.rl.reward_weights) == dict(config.rl.reward_weights))
   if jax.process_index() == 0:
     shutil.copy2(os.path.join(source, "tokenizer.model"), os.path.join(workdir, "tokenizer.model"))
