@@ -46,7 +46,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 
@@ -210,11 +209,13 @@ def check_options(registry, name: str, options: Mapping[str, Any], what: str) ->
   if unknown:
     raise ValueError(f"{what}: {registry.kind} {name!r} has no options {unknown}; it accepts "
                      f"{accepted}")
-  # The values too: the estimator checks them on a two-row batch (microseconds, no jit).
-  inputs = {"rewards": np.zeros(2, np.float32), "group_ids": np.zeros(2, np.int32),
-            "strata": np.zeros(2, np.int32)}
+  # The values too: the estimator checks them while tracing a two-row batch abstractly
+  # (no computation, so no backend is initialised: configs are built at import time).
+  specs = {"rewards": jax.ShapeDtypeStruct((2,), jnp.float32),
+           "group_ids": jax.ShapeDtypeStruct((2,), jnp.int32),
+           "strata": jax.ShapeDtypeStruct((2,), jnp.int32)}
   try:
-    call_with_inputs(fn, inputs, options)
+    jax.eval_shape(lambda inputs: call_with_inputs(fn, inputs, options), specs)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{what}={dict(options)!r} is not valid for {registry.kind} {name!r}: "
                      f"{e}") from e

@@ -13,6 +13,7 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest
 
 from jaxsearch import metrics as metrics_lib
@@ -314,6 +315,7 @@ class EvaluateTest(absltest.TestCase):
     self.assertEqual(got["batched_ms_per_query_ddro_free_beam1"], 0.5)
 
 
+@pytest.mark.slow
 class RunTest(absltest.TestCase):
   """One short end-to-end run of the three stages (qgen, dsi, ddro), then a resume."""
 

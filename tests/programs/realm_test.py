@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 from flax import linen as nn
 
@@ -365,6 +366,7 @@ class EvaluateTest(absltest.TestCase):
                            "em_gold_doc": 1.0, "num_eval_questions": 4})
 
 
+@pytest.mark.slow
 class RealmRunTest(absltest.TestCase):
   """One end-to-end run (two worlds, the warm-ups, checkpoints, summary), then a resume."""
 

@@ -1,4 +1,7 @@
 """Every config names the bad value and what it expected."""
+import subprocess
+import sys
+
 from absl.testing import absltest, parameterized
 
 from jaxsearch.rollout.search_env import RolloutConfig
@@ -25,6 +28,23 @@ class ConfigErrorsTest(parameterized.TestCase):
   def test_bad_value_is_named(self, cls, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
       cls(**kwargs)
+
+
+class ImportTimeTest(absltest.TestCase):
+
+  def test_importing_the_programs_initialises_no_backend(self):
+    # Multi-host runs call jax.distributed.initialize() after importing the programs (whose
+    # default configs are built, and validated, at import time): nothing may touch a device.
+    code = ("import jaxsearch.programs.search_agent.loop, jaxsearch.programs.reward_model, "
+            "jaxsearch.programs.dense_retriever, jaxsearch.programs.realm, "
+            "jaxsearch.programs.generative_retrieval\n"
+            "from jaxsearch.train.steps import PolicyGradientConfig\n"
+            "PolicyGradientConfig(advantage='stratified', advantage_options={'blend': 0.3})\n"
+            "from jax._src import xla_bridge\n"
+            "print(xla_bridge.backends_are_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    self.assertEqual(out.stdout.strip().splitlines()[-1], "False", out.stderr[-2000:])
 
 
 if __name__ == "__main__":
