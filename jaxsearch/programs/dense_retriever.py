@@ -703,24 +703,18 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
     batch = sample_batch(pairs, negatives, docs, train_queries, step, config)
     state, m = fns.update(state, batch, rng)
     last["metrics"] = m
-    work = trainer.StepWork(float(batch.query_ids.size + batch.doc_ids.size))
-    if step == 0 and not (config.log_every == 1 or config.steps == 1):
-      _log_first_step(writer, m, work, t_train, config.steps)   # the loop logs it otherwise
-    return state, m, work
+    return state, m, trainer.StepWork(float(batch.query_ids.size + batch.doc_ids.size))
 
   def eval_fn(state: TrainState, step: int):
-    if step == config.steps:
-      return None                                # the final evaluation follows
-    vm = evaluate_search(enc.search(state.params, enc.embed(state.params, docs)),
-                         data.valid_queries, data.valid_qrels, corpus.ids, config.measures)
-    # Under `valid/` (as in earlier workdirs), not the loop's `validation/`.
-    writer.write_scalars(step, {f"valid/{k}": v for k, v in vm.items()})
-    trainer.say(f"[valid {step}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()))
-    return None
+    return evaluate_search(enc.search(state.params, enc.embed(state.params, docs)),
+                           data.valid_queries, data.valid_qrels, corpus.ids, config.measures)
 
+  # Validation under `valid/` (as in earlier workdirs), not at the last step (the final
+  # evaluation follows); step 1 is logged too (a first point on the curves).
   loop = trainer.LoopConfig(name="dense", steps=config.steps, log_every=config.log_every,
                             checkpoint_every=config.checkpoint_every,
-                            eval_every=config.eval_every, progress_keys=PROGRESS_KEYS)
+                            eval_every=config.eval_every, progress_keys=PROGRESS_KEYS,
+                            eval_prefix="valid", eval_at_end=False, log_first_step=True)
   state = trainer.run_loop(
       loop, state, step_fn, start=start, writer=writer,
       save_fn=lambda step, s: ckpt.save(step, trainer.train_state_checkpoint(s),
@@ -755,17 +749,6 @@ def run(config: DenseRetrieverConfig, workdir: str, *,
       f"{s}: R@1={summary.get(f'test_{s}_recall@1', float('nan')):.3f} "
       f"R@{top}={summary[f'test_{s}_recall@{top}']:.3f}" for s in SYSTEMS))
   return summary
-
-
-def _log_first_step(writer, metrics, work: trainer.StepWork, t0: float, total: int) -> None:
-  """The log line of step 1 (a first point on the curves), which `trainer.run_loop` writes
-  only every `log_every` steps."""
-  m = metrics_lib.to_python(metrics)
-  dt = max(time.time() - t0, 1e-9)
-  m.update(s_per_step=dt, tokens_per_s=work.tokens / dt)
-  writer.write_scalars(1, {f"dense/{k}": v for k, v in m.items()})
-  trainer.say(metrics_lib.progress_line("dense", 1, total, m, PROGRESS_KEYS))
-
 
 
 # ----------------------------------------------------------------------------------------

@@ -72,6 +72,10 @@ class LoopConfig:
     eval_every: steps between evaluations (0: never).
     progress_keys: the metrics shown on the console line, in order.
     eval_keys: the evaluation metrics shown on the console (all written); () shows all.
+    eval_prefix: the metrics prefix (and console tag) of the evaluations.
+    eval_at_end: evaluate at the last step too (False when the program evaluates fully
+      after the loop anyway).
+    log_first_step: also log after the first step of a run (a first point on the curves).
   """
 
   name: str
@@ -81,6 +85,9 @@ class LoopConfig:
   eval_every: int = 0
   progress_keys: tuple[str, ...] = ("loss", "tokens_per_s", "mfu", "s_per_step")
   eval_keys: tuple[str, ...] = ()
+  eval_prefix: str = "validation"
+  eval_at_end: bool = True
+  log_first_step: bool = False
 
   def __post_init__(self):
     if self.steps < 0:
@@ -99,7 +106,7 @@ def write_config(workdir: str, filename: str, config: Any) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, filename), "w") as f:
-      f.write(config_to_json(config))
+      f.write(config_to_json(config) + "\n")
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any], writer=None) -> None:
@@ -222,17 +229,19 @@ def run_loop(loop: LoopConfig, state: Any,
     if step == start and after_first_step is not None:
       after_first_step()
     timer.add(work)
-    if done % loop.log_every == 0 or done == loop.steps:
+    if (done % loop.log_every == 0 or done == loop.steps
+        or (loop.log_first_step and done == 1)):
       m = metrics_lib.to_python(metrics)   # waits for the step: the timing below is honest
       m.update(timer.rates(done))
       writer.write_scalars(done, {f"{loop.name}/{k}": v for k, v in m.items()})
       say(metrics_lib.progress_line(loop.name, done, loop.steps, m, loop.progress_keys))
-    if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0:
+    if (eval_fn is not None and loop.eval_every and done % loop.eval_every == 0
+        and (loop.eval_at_end or done < loop.steps)):
       vm = eval_fn(state, done)
       if vm:
-        writer.write_scalars(done, {f"validation/{k}": v for k, v in vm.items()})
+        writer.write_scalars(done, {f"{loop.eval_prefix}/{k}": v for k, v in vm.items()})
         keys = loop.eval_keys or sorted(vm)
-        say(f"[validation {done}] " + " ".join(
+        say(f"[{loop.eval_prefix} {done}] " + " ".join(
             f"{k}={vm[k]:.3f}" for k in keys if isinstance(vm.get(k), (int, float))))
     if done % loop.checkpoint_every == 0 or done == loop.steps:
       save_fn(done, state)
