@@ -513,8 +513,8 @@ def run_stage(name: str, config: DSIConfig, state: TrainState, step_fn, *, steps
 
   Its checkpoints are `{params, opt_state, step}` with metadata `{"phase": name, "seconds":
   the stage's wall time over every call so far, "last": the latest step's metrics}`. The
-  first step of a fresh stage is logged too (the start of the curve): it runs as a loop of
-  its own.
+  first step is logged too (the start of the curve); `eval_fn`'s metrics go under `valid/`,
+  every `eval_every` steps but the last (the full evaluation follows the stage).
 
   Returns:
     `(state, the metrics of the stage's last step, the stage's seconds over every call)`;
@@ -531,20 +531,16 @@ def run_stage(name: str, config: DSIConfig, state: TrainState, step_fn, *, steps
     return state, m, work
 
   def save(done: int, state: TrainState) -> None:
-    if done % config.checkpoint_every == 0 or done == steps:
-      ckpt.save(done, trainer.train_state_checkpoint(state),
-                {"phase": name, "seconds": seconds(), "last": metrics_lib.to_python(latest[0])})
+    ckpt.save(done, trainer.train_state_checkpoint(state),
+              {"phase": name, "seconds": seconds(), "last": metrics_lib.to_python(latest[0])})
 
   loop = trainer.LoopConfig(name=name, steps=steps, log_every=config.log_every,
                             checkpoint_every=config.checkpoint_every,
                             eval_every=config.eval_every if eval_fn is not None else 0,
-                            progress_keys=(*progress_keys, "s_per_step"))
-  common = dict(writer=writer, save_fn=save, eval_fn=eval_fn, after_first_step=after_first_step)
-  if start == 0 and steps > 1 and config.log_every > 1:
-    state = trainer.run_loop(dataclasses.replace(loop, steps=1), state, step, start=0,
-                             **common)
-    start = 1
-  state = trainer.run_loop(loop, state, step, start=start, **common)
+                            progress_keys=(*progress_keys, "s_per_step"), eval_prefix="valid",
+                            eval_at_end=False, log_first_step=True)
+  state = trainer.run_loop(loop, state, step, start=start, writer=writer, save_fn=save,
+                           eval_fn=eval_fn, after_first_step=after_first_step)
   ckpt.close()
   last = metrics_lib.to_python(latest[0]) if latest else dict(meta.get("last", {}))
   return state, last, seconds()
@@ -991,12 +987,11 @@ def run(config: DSIConfig, workdir: str, *,
                                     max_input_tokens=td.input_width)
              for name, split in data.splits.items()}
 
-  def validation(state: TrainState, done: int) -> None:
-    if done != config.steps and valid.queries:     # the final evaluation follows the last
-      vm, _ = evaluate_split(searcher, state.params, prompts["validation"], valid, corpus.ids,
-                             config.measures, max(config.beam_sizes), True)
-      writer.write_scalars(done, {f"valid/{k}": v for k, v in vm.items()})
-      trainer.say(f"[valid {done}] " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()))
+  def validation(state: TrainState, done: int) -> dict[str, float] | None:
+    if not valid.queries:
+      return None
+    return evaluate_split(searcher, state.params, prompts["validation"], valid, corpus.ids,
+                          config.measures, max(config.beam_sizes), True)[0]
 
   state, dsi_last, train_seconds = train_dsi(config, workdir, model, td, writer,
                                              after_first_step, validation)

@@ -170,6 +170,12 @@ def tree_shardings(boxed: PyTree, mesh: Mesh, rules=DEFAULT_RULES) -> PyTree:
   return param_shardings(nn.get_partition_spec(boxed), mesh, rules)
 
 
+# Compiler options of a jitted parameter init that rounds exactly as op-by-op execution: the
+# algebraic simplifier reassociates initialisers' scalings (`(x * a) * b` -> `x * (a * b)`),
+# which moves parameters by an ulp and, through training, every later figure.
+EXACT_INIT_OPTIONS = {"xla_disable_hlo_passes": "algsimp"}
+
+
 def sharded_init(init_fn: Callable[[jax.Array], PyTree], rng: jax.Array, mesh: Mesh,
                  rules=DEFAULT_RULES) -> tuple[PyTree, PyTree]:
   """Runs `init_fn(rng)` so that every output array is created already sharded.

@@ -322,7 +322,7 @@ class RunTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.config = small_config()
+    cls.config = small_config(eval_every=2)
     cls.workdir = os.path.join(tempfile.mkdtemp(), "run")
     cls.summary = dsi_run.run(cls.config, cls.workdir)
 
@@ -353,6 +353,8 @@ class RunTest(absltest.TestCase):
     rows = metrics_lib.read_metrics(self.workdir)
     for stage, steps in (("qgen", [1, 2]), ("dsi", [1, 2, 4]), ("ddro", [1, 2])):
       self.assertEqual([r["step"] for r in rows if f"{stage}/loss" in r], steps, stage)
+    # Validation every 2 DSI steps, but not at the last (the full evaluation follows).
+    self.assertEqual([r["step"] for r in rows if "valid/recall@1" in r], [2])
     for stage, steps in (("qgen", ["2"]), ("dsi", ["2", "4"]), ("ddro", ["2"])):
       self.assertEqual(sorted(os.listdir(os.path.join(self.workdir, "checkpoints", stage))),
                        steps, stage)

@@ -360,8 +360,11 @@ class Experiment:
     if self.pretrained_params is not None:
       params, _ = self.init_params(rng)
       return jax.device_put(params, shardings), specs
-    params = jax.jit(lambda key: nn.meta.unbox(self.model.init(key, tokens)["params"]),
-                     out_shardings=shardings)(rng)
+    init = jax.jit(lambda key: nn.meta.unbox(self.model.init(key, tokens)["params"]),
+                   out_shardings=shardings)
+    # Without XLA's algebraic simplifier the jitted initialisers round exactly as the
+    # op-by-op ones (`init_params`): the same seed gives the same parameters either way.
+    params = init.lower(rng).compile(compiler_options=sharding.EXACT_INIT_OPTIONS)(rng)
     return params, specs
 
   def apply_fn(self, variables, tokens):
