@@ -488,16 +488,6 @@ def _new_state(model: Transformer, optimizer: OptimizerConfig, steps: int, rng: 
                            tx=make_optimizer(optimizer, max(steps, 1)))
 
 
-def _once(fn: Callable[[], None] | None) -> Callable[[], None]:
-  """`fn` (the launcher's `after_first_step`) called the first time only, whichever stage
-  runs the first optimizer step of this call."""
-  pending = [fn]
-
-  def call() -> None:
-    f, pending[0] = pending[0], None
-    if f is not None:
-      f()
-  return call
 
 
 def _tokens_work(batch) -> trainer.StepWork:
@@ -976,7 +966,7 @@ def run(config: DSIConfig, workdir: str, *,
                docids.num_codes, trie_depth(docids), docid_seconds)
 
   writer = metrics_lib.create_writer(workdir)
-  after_first_step = _once(after_first_step)
+  after_first_step = trainer.once(after_first_step)   # whichever stage steps first
   pseudo, qgen_info = _pseudo_queries(config, workdir, data, tokenizer, writer,
                                       after_first_step)
   td = build_training_data(config, data, tokenizer, docids, layout, pseudo)

@@ -851,22 +851,6 @@ def make_step_fn(config: RealmConfig, loop: trainer.LoopConfig, data: RealmData,
   return step_fn
 
 
-class _OwnPrefixes:
-  """A writer for `trainer.run_loop` whose metrics named `group/name` keep their own prefix
-  (`train/index/refreshes` is written as `index/refreshes`)."""
-
-  def __init__(self, writer, name: str):
-    self.writer, self.prefix = writer, name + "/"
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self.writer.write_scalars(step, {
-        (k[len(self.prefix):] if k.startswith(self.prefix) and "/" in k[len(self.prefix):]
-         else k): v for k, v in scalars.items()})
-
-  def __getattr__(self, name: str):
-    return getattr(self.writer, name)
-
-
 PROGRESS_KEYS = ("loss", "marginal_loglik", "support_in_topk", "support_top1",
                  "index/stale_score_gap", "s_per_step")
 
@@ -931,7 +915,7 @@ def run(config: RealmConfig, workdir: str, *,
   t_train = time.time()
   state = trainer.run_loop(
       loop, state, make_step_fn(config, loop, data, update, embed_jit, embed_docs, corpus),
-      start=start, writer=_OwnPrefixes(writer, loop.name),
+      start=start, writer=writer,
       save_fn=lambda step, s: ckpt.save(step, realm_checkpoint(s), {"phase": "realm"}),
       after_first_step=after_first_step)
   ckpt.close()

@@ -46,6 +46,19 @@ Metrics = Mapping[str, Any]
 SUMMARY_FILE = "summary.json"
 
 
+def once(fn: Callable[[], None] | None) -> Callable[[], None]:
+  """`fn` called the first time the result is called, never again (the launcher's
+  `after_first_step` across the several loops of one program); None: a no-op."""
+  pending = [fn]
+
+  def call() -> None:
+    f, pending[0] = pending[0], None
+    if f is not None:
+      f()
+
+  return call
+
+
 def say(line: str) -> None:
   """A console line (progress, evaluation, compile report), from process 0 only (every
   process computes the same)."""
@@ -213,7 +226,8 @@ def run_loop(loop: LoopConfig, state: Any,
     loop: the cadence.
     state: the (restored) state.
     step_fn: `(state, step) -> (state, metrics, work)`: one step; metrics may be device
-      arrays (fetched only on log steps, which also makes the timing honest).
+      arrays (fetched only on log steps, which also makes the timing honest), written as
+      `<loop.name>/<key>` (a key `group/name` keeps its own group).
     start: the first step to run (the restored checkpoint's step).
     writer: the metric writer (`metrics.create_writer`).
     save_fn: `(step, state)`: writes a checkpoint of `state` after `step` steps.
@@ -233,7 +247,9 @@ def run_loop(loop: LoopConfig, state: Any,
         or (loop.log_first_step and done == 1)):
       m = metrics_lib.to_python(metrics)   # waits for the step: the timing below is honest
       m.update(timer.rates(done))
-      writer.write_scalars(done, {f"{loop.name}/{k}": v for k, v in m.items()})
+      # A metric named `group/name` keeps its own group (e.g. REALM's `index/refreshes`).
+      writer.write_scalars(done, {(k if "/" in k else f"{loop.name}/{k}"): v
+                                  for k, v in m.items()})
       say(metrics_lib.progress_line(loop.name, done, loop.steps, m, loop.progress_keys))
     if (eval_fn is not None and loop.eval_every and done % loop.eval_every == 0
         and (loop.eval_at_end or done < loop.steps)):

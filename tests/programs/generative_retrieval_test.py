@@ -229,7 +229,7 @@ class RunStageTest(absltest.TestCase):
 
   def test_cadence_checkpoints_and_resume(self):
     workdir, writer, calls = tempfile.mkdtemp(), _Writer(), []
-    callback = dsi_run._once(lambda: calls.append(1))
+    callback = trainer.once(lambda: calls.append(1))
     state, last, seconds = self._run(workdir, 5, writer, callback)
     self.assertEqual([s for s, _ in writer.rows], [1, 3, 5])
     self.assertEqual([r["dsi/loss"] for _, r in writer.rows], [0, 20, 40])

@@ -106,7 +106,7 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   rng = jax.random.key(config.seed)
   logging.info("mesh %s; policy parameters: %d", dict(mesh.shape),
                sum(x.size for x in jax.tree.leaves(params)))
-  first_step_done = _Once(after_first_step)
+  first_step_done = trainer.once(after_first_step)
   # 1. Warm start.
   sft_params = warm_start(exp, params, specs, workdir, writer, first_step_done, mesh)
   # 2. Baselines on the held-out split, with the warm-started policy.
@@ -125,18 +125,6 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   summary["num_eval_questions"] = len(questions)
   trainer.write_summary(workdir, summary, writer)
   return summary
-
-
-class _Once:
-  """Calls `fn` the first time it is called, then never again."""
-
-  def __init__(self, fn: Callable[[], None] | None):
-    self.fn = fn
-
-  def __call__(self) -> None:
-    if self.fn is not None:
-      fn, self.fn = self.fn, None
-      fn()
 
 
 # What must agree between a run and the `init_from` run whose SFT it takes (RunConfig fields).
