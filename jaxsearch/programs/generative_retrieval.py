@@ -458,19 +458,10 @@ def build_docids(config: DSIConfig, data: DSIData,
                  embeddings: Callable[[], np.ndarray]) -> docids_lib.DocIds:
   """The docIDs `config.docid` names for `data`'s documents (embeddings computed only for
   semantic / rq)."""
-  n = len(data.corpus)
-  if config.docid == "atomic":
-    return docids_lib.atomic_docids(n)
-  if config.docid == "naive":
-    return docids_lib.naive_docids(n, config.naive_base)
-  if config.docid == "hypernym":
-    return docids_lib.hypernym_docids(data.class_paths)
-  emb = embeddings()
-  if config.docid == "semantic":
-    return docids_lib.semantic_docids(emb, k=config.semantic_k, c=config.semantic_c,
-                                      seed=config.seed)
-  return docids_lib.rq_docids(emb, levels=config.rq_levels,
-                              codebook_size=config.rq_codebook_size, seed=config.seed)
+  return docids_lib.build_docids(config.docid, {
+      "n": len(data.corpus), "base": config.naive_base, "paths": data.class_paths,
+      "embeddings": embeddings, "k": config.semantic_k, "c": config.semantic_c,
+      "levels": config.rq_levels, "codebook_size": config.rq_codebook_size, "seed": config.seed})
 
 
 # ----------------------------------------------------------------------------------------
