@@ -565,7 +565,7 @@ class ResultsExplorerNotebookTest(absltest.TestCase):
     for algo, workdir in zip(("grpo", "rloo"), workdirs):
       self.assertIn(f"[{algo}] [rl 3/3]", text)
       with open(os.path.join(workdir, "run_config.json")) as f:
-        self.assertEqual(json.load(f)["rl"]["grpo"]["advantage"], algo)
+        self.assertEqual(json.load(f)["rl"]["algorithm"]["advantage"], algo)
     rows = self._check_table(cells, workdirs, ["grpo", "rloo"])
     self.assertEqual([rows["grpo"][-1], rows["rloo"][-1]], ["grpo", "rloo"])
     self.assertLen(png_outputs(nb), 1)

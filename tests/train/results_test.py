@@ -125,9 +125,9 @@ class ResultsTest(absltest.TestCase):
                                          "rl.algorithm.advantage"], digits=2)
     expected = "\n".join([
         "run         rl_em  rl/kl  num_eval_questions  rl.algorithm.advantage",
-        "----------  -----  -----  ------------------  -----------------",
-        "grpo/seed0   0.62   0.04                  16               grpo",
-        "rloo/seed0   0.50      -                   -                  -",
+        "----------  -----  -----  ------------------  ----------------------",
+        "grpo/seed0   0.62   0.04                  16                    grpo",
+        "rloo/seed0   0.50      -                   -                       -",
     ])
     self.assertEqual(table, expected)
     # Three decimals by default.
