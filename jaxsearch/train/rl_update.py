@@ -115,12 +115,6 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
   return update_fn
 
 
-def rl_state_shardings(policy_shardings: TrainState, critic_shardings: TrainState | None,
-                       ref_shardings: PyTree | None) -> RLState:
-  """The `RLState` of NamedShardings (the reference shares the policy's parameter layout)."""
-  return RLState(policy=policy_shardings, critic=critic_shardings, ref_params=ref_shardings)
-
-
 def jit_rl_update(update_fn: Callable, mesh, state_shardings: RLState | None = None):
   """Jits `update_fn` once: the state keeps its shardings and is donated, the batch is split
   over the batch axes, metrics are replicated; `train_policy` is static. Without a mesh
