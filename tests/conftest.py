@@ -1,11 +1,56 @@
-"""Test configuration: 8 fake CPU devices, set before jax is imported."""
+"""Test configuration: 8 fake CPU devices, set before jax is imported, and one compilation
+cache shared by every process of the run.
+
+The suite compiles the same small programs many times: the same tiny launcher config in a
+dozen subprocesses, the same notebook cells, the same update step in several test files. A
+persistent XLA compilation cache in a directory made for this run (every xdist worker and
+every subprocess inherits it through the environment) compiles each once; a cache hit is the
+same executable, so results are bit for bit those of a cold run (the kill/resume and
+launcher tests compare runs exactly). It starts empty on every run: nothing carries over
+between runs. Set `JAX_COMPILATION_CACHE_DIR` yourself to keep one across runs, or to an
+empty string to switch it off.
+"""
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+
+_CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",   # the tiny test programs too
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    # A size limit turns on the cache's file lock: processes then never read a half-written
+    # entry. Far above what the suite writes (~100 MB).
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+}
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput"):    # an xdist worker: the controller set the environment
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    config._jaxsearch_cache_dir = tempfile.mkdtemp(prefix="jaxsearch-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jaxsearch_cache_dir
+  if os.environ["JAX_COMPILATION_CACHE_DIR"]:
+    for name, value in _CACHE_ENV.items():
+      os.environ.setdefault(name, value)
+    if "jax" in sys.modules:            # imported by a plugin before this hook: tell it too
+      import jax  # noqa: PLC0415
+      jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+      for name in _CACHE_ENV:
+        value = float(os.environ[name])
+        jax.config.update(name.lower(), value if "TIME" in name else int(value))
+
+
+def pytest_unconfigure(config):
+  cache_dir = getattr(config, "_jaxsearch_cache_dir", None)
+  if cache_dir:
+    shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,18 @@
-"""Byte-level BPE tokenizers (GPT-2 family) built from a vocabulary and merges.
+"""Byte-level BPE tokenizers (GPT-2 family) of pretrained checkpoints, backed by `tokenizers`.
 
-Used for pretrained checkpoints whose tokenizer ships as a token list plus merge rules, e.g.
-the metadata of a GGUF file (`tokenizer.ggml.tokens` / `merges` / `token_type`); backed by
-Hugging Face `tokenizers`.
+Two sources:
+  * a token list plus merge rules, e.g. the metadata of a GGUF file (`tokenizer.ggml.tokens` /
+    `merges` / `token_type`): `ByteLevelBPETokenizer.from_vocab`;
+  * a Hugging Face checkpoint directory's `tokenizer.json` (whatever normalizer,
+    pre-tokenizer and decoder it declares) with its `tokenizer_config.json` and
+    `generation_config.json`: `jaxsearch.data.hf_tokenizer.load_hf_tokenizer`.
 
-Encoding, as llama.cpp and the model's own `tokenizer.json` do it:
+Chat: `chat_text` / `apply_chat_template` render the checkpoint's own Jinja chat template
+(GGUF `tokenizer.chat_template`, HF `chat_template.jinja` / `tokenizer_config.json`) with
+`jaxsearch.data.chat_template.render_chat_template`, exactly as transformers does; only a
+tokenizer without a template falls back to plain ChatML.
+
+Encoding of a GGUF vocabulary, as llama.cpp and the model's own `tokenizer.json` do it:
   1. Added tokens (the vocabulary's control tokens such as `<|im_start|>`, and the search
      tags when `add_tags=True`) are matched in the raw text first and become one id each.
   2. The rest is pre-tokenized. For the "smollm" pre-tokenizer (llama.cpp's name; also
@@ -22,8 +30,8 @@ vocabulary (ids V, V+1, ... in `TAGS` order) so an agent emits each as one id; t
 embedding must grow to match (see `jaxsearch.models.gguf.load_gguf(add_tags=True)`).
 
 `decode` drops pad/bos/eos (for SmolLM2: `<|im_start|>` and `<|im_end|>`) unless
-`skip_special=False`; every other id, tags and other control tokens included, decodes to
-its text.
+`skip_special=False`; every other id, tags, other control tokens and the extra stop ids of
+`eos_ids` (e.g. Llama 3's `<|end_of_text|>`) included, decodes to its text.
 
 Example:
   >>> tok = ByteLevelBPETokenizer.from_vocab(
@@ -40,11 +48,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from jaxsearch.data.chat_template import render_chat_template
 from jaxsearch.data.tokenizer_format import BPE_HEADER as HEADER
 from jaxsearch.data.tokenizer_format import TAGS
 
@@ -86,24 +95,51 @@ def default_system_prompt(chat_template: str | None) -> str | None:
   return match.group(1) if match else None
 
 
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_alphabet() -> dict[int, str]:
+  """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves,
+  the other 68 bytes for the characters from U+0100 on, in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  out, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out
+
+
 class ByteLevelBPETokenizer:
   """A byte-level BPE tokenizer satisfying jaxsearch's `Tokenizer` protocol.
 
   Attributes:
     vocab_size: number of ids, the appended tags included.
     pad_id, bos_id, eos_id: special ids (SmolLM2: pad = eos = `<|im_end|>`, bos =
-      `<|im_start|>`).
+      `<|im_start|>`). A HF checkpoint without a bos token (Qwen) has bos_id = pad_id.
+    eos_ids: every id that ends a generation, eos_id first (HF: `generation_config.json`'s
+      `eos_token_id`, e.g. Llama 3's `<|eot_id|>` and `<|end_of_text|>`); default
+      `(eos_id,)`.
+    bos_token, eos_token: the special token strings a chat template sees as `bos_token` /
+      `eos_token` (None: undefined in the template, e.g. Qwen's missing bos).
     base_vocab_size: V, the size of the original vocabulary (tags start at V).
-    system_prompt: default system prompt of `apply_chat_template` (None: none).
+    system_prompt: default system prompt of the ChatML fallback of `chat_text`, used only
+      when there is no `chat_template` (None: none).
+    chat_template: the checkpoint's Jinja chat template, or None.
     backend: the `tokenizers.Tokenizer` doing the work.
 
-  Build one with `from_vocab` (or `jaxsearch.models.gguf.load_gguf`), read one back with
+  Build one with `from_vocab` (or `jaxsearch.models.gguf.load_gguf`), from a HF checkpoint
+  directory with `jaxsearch.data.hf_tokenizer.load_hf_tokenizer`, read one back with
   `from_bytes` / `load`.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int, eos_id: int, pad_id: int,
                base_vocab_size: int, system_prompt: str | None = None,
-               chat_template: str | None = None):
+               chat_template: str | None = None, eos_ids: Sequence[int] | None = None,
+               bos_token: str | None = None, eos_token: str | None = None):
     self.backend = backend
     self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
@@ -113,6 +149,18 @@ class ByteLevelBPETokenizer:
       raise ValueError(f"base_vocab_size must be in [1, {self.vocab_size}], got "
                        f"{base_vocab_size!r}")
     self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+    stops = [self.eos_id]
+    for value in (eos_ids or ()):
+      if not 0 <= int(value) < self.vocab_size:
+        raise ValueError(f"eos_ids must be in [0, {self.vocab_size}), got {value!r} in "
+                         f"{list(eos_ids)!r}")
+      if int(value) not in stops:
+        stops.append(int(value))
+    self.eos_ids: tuple[int, ...] = tuple(stops)
+    for name, value in (("bos_token", bos_token), ("eos_token", eos_token)):
+      if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or None, got {value!r}")
+    self.bos_token, self.eos_token = bos_token, eos_token
     self.base_vocab_size = int(base_vocab_size)
     self.system_prompt = system_prompt
     self.chat_template = chat_template
@@ -122,6 +170,7 @@ class ByteLevelBPETokenizer:
       if i is not None and backend.id_to_token(i) == tag:
         self._tag_ids[tag] = int(i)
     self._skip = frozenset((self.pad_id, self.bos_id, self.eos_id))
+    self._token_bytes: list[bytes] | None = None
 
   @classmethod
   def from_vocab(cls, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]], *,
@@ -138,7 +187,7 @@ class ByteLevelBPETokenizer:
       token_types: [V] llama.cpp token types; 3 (control) become special added tokens
         (matched whole in text), 4 (user-defined) plain added tokens. None: no added tokens.
       pre: the pre-tokenizer (GGUF `tokenizer.ggml.pre`), one of `PRE_TOKENIZERS`.
-      chat_template: the model's Jinja chat template; only its default system prompt is used.
+      chat_template: the model's Jinja chat template, rendered by `chat_text`.
       add_tags: append the `TAGS` missing from `tokens` as special tokens (ids V, V+1, ...).
 
     Returns:
@@ -185,9 +234,13 @@ class ByteLevelBPETokenizer:
     if add_tags:
       backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TAGS
                                   if t not in vocab])
+    n = backend.get_vocab_size(with_added_tokens=True)
+    bos_token, eos_token = (
+        backend.decode([int(i)], skip_special_tokens=False) if 0 <= int(i) < n else None
+        for i in (bos_id, eos_id))  # out of range: __init__ raises
     return cls(backend, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                base_vocab_size=len(tokens), system_prompt=default_system_prompt(chat_template),
-               chat_template=chat_template)
+               chat_template=chat_template, bos_token=bos_token, eos_token=eos_token)
 
   # --- the Tokenizer protocol ---
 
@@ -219,18 +272,20 @@ class ByteLevelBPETokenizer:
     return self._tag_ids[tag]
 
   def to_bytes(self) -> bytes:
-    """`HEADER` + JSON of the `tokenizers` serialization and the special ids."""
+    """`HEADER` + JSON of the `tokenizers` serialization, special ids/tokens and template."""
     payload = {"tokenizer": json.loads(self.backend.to_str()), "bos_id": self.bos_id,
                "eos_id": self.eos_id, "pad_id": self.pad_id,
                "base_vocab_size": self.base_vocab_size, "system_prompt": self.system_prompt,
-               "chat_template": self.chat_template}
+               "chat_template": self.chat_template, "eos_ids": list(self.eos_ids),
+               "bos_token": self.bos_token, "eos_token": self.eos_token}
     return HEADER + json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
   # --- extras ---
 
   @classmethod
   def from_bytes(cls, data: bytes) -> ByteLevelBPETokenizer:
-    """Reads the output of `to_bytes`."""
+    """Reads the output of `to_bytes` (payloads older than `eos_ids`/`bos_token`/`eos_token`
+    read as `eos_ids=(eos_id,)` and no special token strings)."""
     data = bytes(data)
     if not data.startswith(HEADER):
       raise ValueError(f"not a byte-level BPE tokenizer: expected header {HEADER!r}, got "
@@ -240,7 +295,8 @@ class ByteLevelBPETokenizer:
     return cls(backend, bos_id=payload["bos_id"], eos_id=payload["eos_id"],
                pad_id=payload["pad_id"], base_vocab_size=payload["base_vocab_size"],
                system_prompt=payload.get("system_prompt"),
-               chat_template=payload.get("chat_template"))
+               chat_template=payload.get("chat_template"), eos_ids=payload.get("eos_ids"),
+               bos_token=payload.get("bos_token"), eos_token=payload.get("eos_token"))
 
   def save(self, path: str | os.PathLike) -> None:
     with open(path, "wb") as f:
@@ -250,6 +306,40 @@ class ByteLevelBPETokenizer:
   def load(cls, path: str | os.PathLike) -> ByteLevelBPETokenizer:
     with open(path, "rb") as f:
       return cls.from_bytes(f.read())
+
+  def token_bytes(self) -> list[bytes]:
+    """[vocab_size] the bytes each id stands for (the text protocol's tag detection).
+
+    Byte-level vocabularies (GPT-2 / Llama 3 / Qwen / SmolLM2) spell bytes in GPT-2's byte
+    alphabet ("Ġ" is a space); byte-fallback vocabularies (`<0x0A>`) and SentencePiece's
+    "▁" are read too. An added token (`<|im_end|>`, a tag) is its UTF-8 text. Concatenating
+    the bytes of a sequence's ids gives its UTF-8 text (without a normaliser's changes).
+
+    Example:
+      >>> tok = ByteLevelBPETokenizer.from_vocab(["a", "Ġ", "Ġa"], [], bos_id=0, eos_id=0,
+      ...                                        pad_id=0)
+      >>> tok.token_bytes()
+      [b'a', b' ', b' a']
+    """
+    if self._token_bytes is None:
+      alphabet = {c: b for b, c in _byte_alphabet().items()}
+      byte_level = '"ByteLevel"' in self.backend.to_str()
+      added = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+      out = []
+      for i in range(self.vocab_size):
+        token = self.backend.id_to_token(i)
+        if token is None:
+          out.append(b"")
+        elif token in added:
+          out.append(token.encode("utf-8"))
+        elif byte_level and all(c in alphabet for c in token):
+          out.append(bytes(alphabet[c] for c in token))
+        elif _BYTE_FALLBACK.fullmatch(token):
+          out.append(bytes([int(token[3:5], 16)]))
+        else:
+          out.append(token.replace("\u2581", " ").encode("utf-8"))
+      self._token_bytes = out
+    return list(self._token_bytes)
 
   def id_to_token(self, i: int) -> str:
     """The token string of id `i` in the byte alphabet (e.g. "Ġthe"), for debugging."""
@@ -262,29 +352,48 @@ class ByteLevelBPETokenizer:
     """The id of a token string (byte alphabet), or None."""
     return self.backend.token_to_id(token)
 
-  def chat_text(self, messages: Sequence[Mapping[str, str]], *,
-                add_generation_prompt: bool = True) -> str:
-    """ChatML text of a conversation, as SmolLM2's chat template renders it.
+  def chat_text(self, messages: Sequence[Mapping[str, Any]],
+                add_generation_prompt: bool = True, **extra: Any) -> str:
+    """Text of a conversation, rendered with the tokenizer's own chat template.
 
-    `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, preceded by the default
-    system prompt when the first message is not a system message (and the model has one),
-    followed by `<|im_start|>assistant\\n` if `add_generation_prompt`.
+    With a `chat_template`, this is `render_chat_template(chat_template, messages,
+    add_generation_prompt=..., bos_token=self.bos_token, eos_token=self.eos_token, **extra)`,
+    i.e. transformers' `apply_chat_template(..., tokenize=False)`.
+
+    Without one, plain ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message,
+    preceded by `system_prompt` when the first message is not a system message (and
+    `system_prompt` is set), followed by `<|im_start|>assistant\\n` if
+    `add_generation_prompt`.
 
     Args:
-      messages: dicts with "role" and "content".
+      messages: mappings with "role" and "content".
       add_generation_prompt: open an assistant turn at the end.
+      **extra: more template variables (`tools`, `enable_thinking`, `date_string`, ...);
+        only with a chat template.
+
+    Returns:
+      The text, to be encoded without adding special tokens.
 
     Example:
       >>> tok.chat_text([{"role": "system", "content": "Be brief."}])  # doctest: +SKIP
       '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>assistant\\n'
     """
+    if self.chat_template:
+      return render_chat_template(self.chat_template, messages,
+                                  add_generation_prompt=add_generation_prompt,
+                                  bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+    if extra:
+      raise ValueError(f"template variables {sorted(extra)} need a chat template; this "
+                       "tokenizer has none (chat_template is None)")
     for special in ("<|im_start|>", "<|im_end|>"):
       if self.backend.token_to_id(special) is None:
-        raise ValueError(f"this vocabulary has no ChatML token {special!r}")
+        raise ValueError(f"this vocabulary has no chat template and no ChatML token "
+                         f"{special!r}")
     parts = []
     for n, m in enumerate(messages):
-      if "role" not in m or "content" not in m:
-        raise ValueError(f"message {n} must have 'role' and 'content', got {dict(m)!r}")
+      if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+        raise ValueError(f"message {n} must be a mapping with 'role' and 'content', got "
+                         f"{m!r:.200}")
       if n == 0 and m["role"] != "system" and self.system_prompt is not None:
         parts.append(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
       parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
@@ -292,14 +401,17 @@ class ByteLevelBPETokenizer:
       parts.append("<|im_start|>assistant\n")
     return "".join(parts)
 
-  def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
-                          add_generation_prompt: bool = True) -> list[int]:
-    """Ids of `chat_text(messages, add_generation_prompt=...)` (no bos added).
+  def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                          add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+    """Ids of `chat_text(messages, add_generation_prompt, **extra)`.
+
+    Like transformers, the rendered text is encoded without adding special tokens: a bos
+    appears only if the template writes it (Llama 3's does, ChatML ones don't).
 
     Example:
       >>> ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
     """
-    return self.encode(self.chat_text(messages, add_generation_prompt=add_generation_prompt))
+    return self.encode(self.chat_text(messages, add_generation_prompt, **extra))
 
   def __eq__(self, other) -> bool:
     return isinstance(other, ByteLevelBPETokenizer) and other.to_bytes() == self.to_bytes()

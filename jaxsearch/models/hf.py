@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints (Llama / Qwen2 family) to and from `Transformer` parameters.
+"""Hugging Face checkpoints (Llama / Qwen2 / Qwen3 family) to and from `Transformer` parameters.
 
 A Hugging Face causal-LM directory holds `config.json` and either one `model.safetensors` or
 several shards listed in `model.safetensors.index.json` (`{"weight_map": {name: file}}`).
@@ -20,6 +20,8 @@ key/value heads, hd head dim, F MLP width, V vocabulary):
   post_attention_layernorm.weight       [D]         layers_{i}/mlp_norm/scale         [D]
   mlp.{gate,up}_proj.weight             [F, D]      layers_{i}/mlp/{gate,up}_proj/kernel [D, F]
   mlp.down_proj.weight                  [D, F]      layers_{i}/mlp/down_proj/kernel   [F, D]
+  self_attn.{q,k}_norm.weight           [hd]        layers_{i}/attn/{q,k}_norm/scale  [hd]
+                                                      (Qwen3 only)
   model.norm.weight                     [D]         final_norm/scale                  [D]
   lm_head.weight                        [V, D]      lm_head/kernel (untied only)      [D, V]
 
@@ -31,13 +33,16 @@ Config mapping: `hidden_size` → d_model, `num_hidden_layers` → num_layers,
 `head_dim` (default `hidden_size // num_attention_heads`; stored as None when equal to it),
 `intermediate_size` → mlp_dim, `rms_norm_eps` → norm_eps, `tie_word_embeddings`
 (default False) → tie_embeddings, `vocab_size`, `max_position_embeddings` → max_len, Qwen2 →
-qkv_bias=True. RoPE is read from transformers 5's `rope_parameters` (`rope_type` "default" |
+qkv_bias=True, Qwen3 → qk_norm=True (no biases) and head_dim default 128 (transformers' `Qwen3Config` default, not D / H). The embedding may have more rows
+than the tokenizer has tokens (Qwen pads its table to a multiple of 128): `vocab_size` is the
+table's size, and ids past the tokenizer's are never produced by it. RoPE is read from transformers 5's `rope_parameters` (`rope_type` "default" |
 "linear" | "llama3", `rope_theta`, `factor`, `low_freq_factor`, `high_freq_factor`,
 `original_max_position_embeddings`) or from the older top-level `rope_theta` + `rope_scaling`
 (where `rope_scaling` wins, as in transformers). What the transformer cannot compute is
-rejected with a `ValueError` naming the key: Llama's `attention_bias=True` (it biases o_proj
-too) and `mlp_bias=True`, `hidden_act` other than silu, other RoPE types (dynamic, yarn,
-longrope, ...), `partial_rotary_factor != 1`, Qwen2's sliding-window attention.
+rejected with a `ValueError` naming the key: Llama's and Qwen3's `attention_bias=True` (it
+biases o_proj too) and `mlp_bias=True`, `hidden_act` other than silu, other RoPE types (dynamic, yarn,
+longrope, ...), `partial_rotary_factor != 1`, Qwen2 / Qwen3 sliding-window attention, and
+mixture-of-experts configs (`num_experts`, `num_local_experts`, ...).
 
 Example:
   >>> model, params = load_hf_checkpoint("/path/to/SmolLM2-135M")   # config.json + safetensors
@@ -68,11 +73,16 @@ from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.models.transformer import stack_layer_params
 from jaxsearch.models.transformer import unstack_layer_params
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                           "Qwen3ForCausalLM": "qwen3"}
 _ARCHITECTURE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 # transformers' class defaults for keys that a config.json may leave out.
-_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768}
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "qwen3": 32768}
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
+# Keys of mixture-of-experts configs (Mixtral, Qwen2-MoE, Qwen3-MoE, Llama 4, ...).
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+             "moe_intermediate_size")
 _DEFAULT_ROPE_THETA = 10_000.0
 
 CONFIG_NAME = "config.json"
@@ -90,7 +100,7 @@ def _supported() -> str:
 
 
 def _model_type(hf_config: Mapping[str, Any]) -> str:
-  """The checked family ("llama" | "qwen2") from `model_type` and `architectures`."""
+  """The checked family ("llama" | "qwen2" | "qwen3") from `model_type` and `architectures`."""
   model_type = hf_config.get("model_type")
   architectures = hf_config.get("architectures") or []
   if isinstance(architectures, str):
@@ -186,10 +196,12 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
   act = hf_config.get("hidden_act", "silu")
   if act not in ("silu", "swish"):                  # transformers maps both to SiLU
     raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
-  if model_type == "llama":
+  if model_type in ("llama", "qwen3"):
     if hf_config.get("attention_bias", False):
-      raise ValueError("attention_bias=True is not supported: Llama's attention_bias adds a bias "
-                       "to o_proj as well as q/k/v, and the transformer has no o_proj bias")
+      raise ValueError(f"attention_bias=True is not supported: {model_type}'s attention_bias "
+                       "adds a bias to o_proj as well as q/k/v, and the transformer has no "
+                       "o_proj bias")
+  if model_type == "llama":
     if hf_config.get("mlp_bias", False):
       raise ValueError("mlp_bias=True is not supported: the SwiGLU MLP has no biases")
     qkv_bias = False
@@ -199,12 +211,16 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
     sliding = [t for t in hf_config.get("layer_types") or () if t != "full_attention"]
     if sliding:
       raise ValueError(f"layer_types {sliding[:1]} is not supported (full attention only)")
-    qkv_bias = True
+    qkv_bias = model_type == "qwen2"
+  moe = [k for k in _MOE_KEYS if hf_config.get(k)]
+  if moe:
+    raise ValueError(f"{moe[0]}={hf_config[moe[0]]!r}: mixture-of-experts models are not "
+                     "supported (dense MLP only)")
 
   d = int(_require(hf_config, "hidden_size"))
   heads = int(_require(hf_config, "num_attention_heads"))
   kv_heads = hf_config.get("num_key_value_heads")
-  head_dim = hf_config.get("head_dim")
+  head_dim = hf_config.get("head_dim", _DEFAULT_HEAD_DIM.get(model_type))
   if head_dim is None and d % heads:
     raise ValueError(f"hidden_size={d} is not divisible by num_attention_heads={heads} and "
                      "head_dim is not given")
@@ -223,6 +239,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
       norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
       qkv_bias=qkv_bias,
+      qk_norm=model_type == "qwen3",
       max_len=max_positions,
       **_rope_fields(hf_config, max_positions),
   )
@@ -243,9 +260,18 @@ def _rope_parameters(config: TransformerConfig) -> dict[str, Any]:
 
 def _check_model_type(config: TransformerConfig, model_type: str | None) -> str:
   if model_type is None:
-    model_type = "qwen2" if config.qkv_bias else "llama"
+    model_type = "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"unsupported model_type {model_type!r}; " + _supported())
+  if config.qk_norm != (model_type == "qwen3"):
+    raise ValueError(f"model_type={model_type!r} cannot hold qk_norm={config.qk_norm} (only "
+                     "Qwen3 normalises queries and keys); save it as model_type="
+                     f"{'qwen3' if config.qk_norm else 'llama or qwen2'!r}")
+  if model_type == "qwen3":
+    if config.qkv_bias:
+      raise ValueError("model_type='qwen3' cannot hold qkv_bias=True (Qwen3's attention_bias "
+                       "also biases o_proj)")
+    return model_type
   if model_type == "llama" and config.qkv_bias:
     raise ValueError("model_type='llama' cannot hold qkv_bias=True (Llama's attention_bias also "
                      "biases o_proj); save it as model_type='qwen2'")
@@ -264,10 +290,12 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None) -> di
 
   Args:
     config: the model config.
-    model_type: "llama" or "qwen2"; None picks "qwen2" when `config.qkv_bias` else "llama".
+    model_type: "llama", "qwen2" or "qwen3"; None picks "qwen3" when `config.qk_norm`, else
+      "qwen2" when `config.qkv_bias`, else "llama".
 
   Raises:
-    ValueError: an unsupported model_type, Llama with qkv_bias or Qwen2 without.
+    ValueError: an unsupported model_type, Llama with qkv_bias or Qwen2 without, qk_norm
+      outside Qwen3.
 
   Example:
     >>> config_to_hf(TransformerConfig(vocab_size=64, d_model=32))["num_key_value_heads"]
@@ -299,6 +327,10 @@ def config_to_hf(config: TransformerConfig, model_type: str | None = None) -> di
   }
   if model_type == "llama":
     out.update(attention_bias=False, mlp_bias=False)
+  elif model_type == "qwen3":
+    out.update(attention_bias=False, use_sliding_window=False, sliding_window=None,
+               max_window_layers=config.num_layers,
+               layer_types=["full_attention"] * config.num_layers)
   else:
     out.update(use_sliding_window=False, sliding_window=None,
                max_window_layers=config.num_layers,
@@ -333,6 +365,10 @@ def _entries(config: TransformerConfig) -> list[_Entry]:
                           (n * hd,), (n, hd), "bias"))
     out.append(_Entry(pre + "self_attn.o_proj.weight", (lay, "attn", "o_proj", "kernel"),
                       (d, h * hd), (h, hd, d), "heads_out"))
+    if config.qk_norm:
+      for name in ("q_norm", "k_norm"):
+        out.append(_Entry(f"{pre}self_attn.{name}.weight", (lay, "attn", name, "scale"),
+                          (hd,), (hd,), "copy"))
     out.append(_Entry(pre + "post_attention_layernorm.weight", (lay, "mlp_norm", "scale"), (d,),
                       (d,), "copy"))
     for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
@@ -388,13 +424,16 @@ def _check_tensor_names(shapes: Mapping[str, tuple[int, ...]], config: Transform
       hint = " (MLP biases are not supported)"
     elif name.endswith((".q_proj.bias", ".k_proj.bias", ".v_proj.bias")):
       hint = " (the config has no q/k/v bias)"
+    elif name.endswith((".q_norm.weight", ".k_norm.weight")):
+      hint = " (q/k norms are Qwen3's: the config's model_type is not qwen3)"
     problems.append(f"unexpected key {name!r} with shape {tuple(shape)}{hint}")
   if problems:
     shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
     raise ValueError(f"{source} does not match the config (d_model={config.d_model}, "
                      f"num_layers={config.num_layers}, num_heads={config.num_heads}, "
                      f"num_kv_heads={config.num_kv_heads}, head_dim={config.hd}, "
-                     f"tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}):\n  "
+                     f"tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}, "
+                     f"qk_norm={config.qk_norm}):\n  "
                      + "\n  ".join(shown))
 
 

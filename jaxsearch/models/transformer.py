@@ -1,6 +1,7 @@
-"""Decoder-only transformer of the Llama / Qwen2 family, in Flax linen.
+"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 family, in Flax linen.
 
-The math follows Hugging Face's `LlamaForCausalLM` / `Qwen2ForCausalLM` so that their
+The math follows Hugging Face's `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM`
+so that their
 checkpoints can be converted into this module's parameter tree:
 
 - RMSNorm in float32: `x * rsqrt(mean(x^2) + eps)`, cast back to the input dtype, times
@@ -9,7 +10,8 @@ checkpoints can be converted into this module's parameter tree:
   `emb = concat([freqs, freqs])`, `q * cos + rotate_half(q) * sin` with
   `rotate_half(x) = concat([-x2, x1])`.
 - Grouped-query attention (query head `h` reads key/value head `h // (H // Hkv)`), scale
-  `1 / sqrt(hd)`, softmax in float32; optional q/k/v bias (Qwen2).
+  `1 / sqrt(hd)`, softmax in float32; optional q/k/v bias (Qwen2); optional RMSNorm of each
+  query / key head before RoPE (Qwen3's `q_norm` / `k_norm`).
 - SwiGLU MLP `down(silu(gate(x)) * up(x))`.
 - Output head tied to the embedding (`x @ embedding.T`) or a separate `lm_head`.
 
@@ -24,6 +26,7 @@ Parameter tree (HF name in brackets):
   layers_{i}/attn/v_proj/kernel        [D, Hkv, hd]  (self_attn.v_proj.weight)
   layers_{i}/attn/v_proj/bias          [Hkv, hd]
   layers_{i}/attn/o_proj/kernel        [H, hd, D]    (self_attn.o_proj.weight, [D, H*hd])
+  layers_{i}/attn/{q,k}_norm/scale     [hd]          (self_attn.{q,k}_norm.weight, qk_norm only)
   layers_{i}/mlp_norm/scale            [D]           (layers.i.post_attention_layernorm.weight)
   layers_{i}/mlp/gate_proj/kernel      [D, F]        (mlp.gate_proj.weight, transposed)
   layers_{i}/mlp/up_proj/kernel        [D, F]        (mlp.up_proj.weight, transposed)
@@ -92,6 +95,8 @@ class TransformerConfig:
     norm_eps: RMSNorm epsilon.
     tie_embeddings: if True the output head is `x @ embedding.T` (no `lm_head`).
     qkv_bias: if True q/k/v projections have a bias (Qwen2).
+    qk_norm: if True each query and key head is RMS-normalised over its `hd` features (own
+      `scale` per norm, shared by the heads) after the projection and before RoPE (Qwen3).
     max_len: positions available to the KV cache when `init_cache` gets no `max_len`.
     remat: rematerialise each block in the backward pass: "none", "full" (save nothing) or
       "dots" (save matmul outputs without batch dimensions). Outputs are unchanged.
@@ -117,6 +122,7 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   qkv_bias: bool = False
+  qk_norm: bool = False
   max_len: int = 512
   remat: str = "none"
   scan_layers: bool = False
@@ -353,6 +359,9 @@ class Attention(nn.Module):
     self.o_proj = nn.Einsum(
         shape=(h, hd, d), einsum_str="bhtk,hkd->btd", use_bias=False,
         kernel_init=_kernel_init(("heads", "head_dim", "embed"), (0, 1), 2), **common)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
+      self.k_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
 
   def __call__(self, x, positions, q_slots, kv_mask=None, cache: KVCache | None = None,
                cache_index=None, layer: int | None = None):
@@ -382,6 +391,8 @@ class Attention(nn.Module):
     q = self.q_proj(x)  # [B, H, T, hd]
     k = self.k_proj(x)  # [B, Hkv, T, hd]
     v = self.v_proj(x)  # [B, Hkv, T, hd]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)                     # over hd, per head
     q = nn.with_logical_constraint(q, ("batch", "heads", "length", "head_dim"))
     k = nn.with_logical_constraint(k, ("batch", "kv_heads", "length", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "kv_heads", "length", "head_dim"))

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face Llama / Qwen2 checkpoints built offline with transformers + torch.
+"""Tiny random Hugging Face Llama / Qwen2 / Qwen3 checkpoints built offline with transformers + torch.
 
 Test helper of `hf_test.py`. transformers initialises weights with std 0.02 and zero biases,
 which makes every logit near zero; `randomize_` redraws them at unit scale so that parity
@@ -42,11 +42,17 @@ ARCHITECTURES = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 16})),
+    # Qwen3: q/k RMSNorm per head, explicit head_dim (not D / H), no q/k/v bias by default.
+    "qwen3_tied": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    "qwen3_mqa_untied": ("qwen3", dict(
+        num_key_value_heads=1, head_dim=4, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 _CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
 }
 
 

@@ -109,6 +109,7 @@ class HFParityTest(_TestCase):
                      (hc.num_attention_heads, hc.num_key_value_heads, _head_dim(hc),
                       hc.tie_word_embeddings))
     self.assertEqual(cfg.qkv_bias, hc.model_type == "qwen2")
+    self.assertEqual(cfg.qk_norm, hc.model_type == "qwen3")
     self.assertEqual(cfg.rope_type, hc.rope_parameters["rope_type"])
     self.assertEqual("lm_head" in params, not hc.tie_word_embeddings)
     if name in _SHARDED:
@@ -311,13 +312,17 @@ class ConfigTest(parameterized.TestCase):
                                      rope_theta=5e5, norm_eps=1e-5, tie_embeddings=False)),
       ("qwen2_linear", "qwen2", dict(num_kv_heads=4, qkv_bias=True, rope_type="linear",
                                      rope_factor=3.0, rope_theta=1e6)),
+      ("qwen3", "qwen3", dict(num_kv_heads=2, head_dim=16, qk_norm=True, rope_theta=1e6,
+                              tie_embeddings=False)),
+      ("qwen3_mqa", "qwen3", dict(num_kv_heads=1, head_dim=6, qk_norm=True)),
   )
   def test_config_round_trip_and_transformers_reads_it(self, model_type, overrides):
     cfg = TransformerConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, mlp_dim=72,
                             max_len=256, **overrides)
     hf_dict = json.loads(json.dumps(hf.config_to_hf(cfg, model_type)))
     self.assertEqual(hf.config_from_hf(hf_dict), cfg)
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config}
     hc = config_cls[model_type](**hf_dict)
     self.assertEqual((hc.hidden_size, hc.num_key_value_heads, hc.head_dim,
                       hc.max_position_embeddings, hc.tie_word_embeddings, hc.rms_norm_eps),
@@ -335,6 +340,11 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual((cfg.num_kv_heads, cfg.head_dim, cfg.hd, cfg.qkv_bias, cfg.tie_embeddings,
                       cfg.rope_theta, cfg.max_len), (4, None, 8, True, False, 10000.0, 128))
     self.assertEqual(hf.config_from_hf({**base, "head_dim": 8}), hf.config_from_hf(base))
+    # Qwen3's head_dim defaults to 128 (transformers' Qwen3Config), not D / H.
+    qwen3 = hf.config_from_hf({**base, "model_type": "qwen3"})
+    self.assertEqual((qwen3.hd, qwen3.qk_norm, qwen3.qkv_bias, qwen3.max_len),
+                     (128, True, False, 32768))
+    self.assertEqual(transformers.Qwen3Config(**{**base, "model_type": "qwen3"}).head_dim, 128)
     arch_only = {k: v for k, v in base.items() if k != "model_type"}
     self.assertFalse(hf.config_from_hf({**arch_only, "architectures": ["LlamaForCausalLM"]})
                      .qkv_bias)
@@ -355,6 +365,14 @@ class ConfigTest(parameterized.TestCase):
       ("missing_size", dict(hidden_size=None), "'hidden_size'"),
       ("sliding", dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
                        use_sliding_window=True), "use_sliding_window"),
+      ("qwen3_sliding", dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                             layer_types=["sliding_attention", "full_attention"]),
+       "sliding_attention"),
+      ("moe", dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_experts=8),
+       "num_experts=8.*mixture-of-experts"),
+      ("mixtral", dict(num_local_experts=4), "num_local_experts=4.*mixture-of-experts"),
+      ("qwen3_bias", dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                          attention_bias=True), "attention_bias=True.*qwen3.*o_proj"),
   )
   def test_unsupported_config_is_named(self, change, message):
     base = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=64,
@@ -371,6 +389,14 @@ class ConfigTest(parameterized.TestCase):
       hf.config_to_hf(dataclasses.replace(cfg, qkv_bias=False), "qwen2")
     with self.assertRaisesRegex(ValueError, "'gemma'"):
       hf.config_to_hf(cfg, "gemma")
+    qk = dataclasses.replace(cfg, qk_norm=True, qkv_bias=False)
+    self.assertEqual(hf.config_to_hf(qk)["model_type"], "qwen3")
+    with self.assertRaisesRegex(ValueError, "model_type='qwen2' cannot hold qk_norm=True"):
+      hf.config_to_hf(qk, "qwen2")
+    with self.assertRaisesRegex(ValueError, "model_type='qwen3' cannot hold qk_norm=False"):
+      hf.config_to_hf(dataclasses.replace(cfg, qkv_bias=False), "qwen3")
+    with self.assertRaisesRegex(ValueError, "'qwen3' cannot hold qkv_bias=True"):
+      hf.config_to_hf(dataclasses.replace(qk, qkv_bias=True), "qwen3")
 
 
 class CheckpointErrorTest(_TestCase):
