@@ -31,12 +31,14 @@ ALLOWED = {
     "rewards": _BASE + ("jaxsearch.rewards",),
     "models": _BASE + ("jaxsearch.models",
                        "jaxsearch.data.bpe", "jaxsearch.data.tokenizer",  # checkpoint tokenizers
-                       "jaxsearch.data.tokenizer_format"),
+                       "jaxsearch.data.tokenizer_format", "jaxsearch.data.hf_tokenizer",
+                       "jaxsearch.data.chat_template"),
     "data": _BASE + ("jaxsearch.data",),
     # Workdir readers (trained_encoder) use the checkpoint and config-file helpers.
     "retrieval": _BASE + ("jaxsearch.retrieval", "jaxsearch.models", "jaxsearch.data",
                           "jaxsearch.checkpoint", "jaxsearch.config_files"),
-    "rollout": _BASE + ("jaxsearch.rollout", "jaxsearch.retrieval"),
+    "rollout": _BASE + ("jaxsearch.rollout", "jaxsearch.retrieval",
+                        "jaxsearch.data.prompts"),          # the protocols' names
     # Generative retrieval builds on models, losses and the sampler; its workdir reader
     # (generative/workdir.py) uses the checkpoint and config-file helpers.
     "generative": _BASE + ("jaxsearch.generative", "jaxsearch.models", "jaxsearch.losses",

@@ -23,10 +23,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jaxsearch.data import prompts as prompts_lib
+from jaxsearch.data.prompts import PromptConfig
 from jaxsearch.data.world import Question, World
 from jaxsearch.types import SequenceBatch
 
-PROMPT_TEMPLATE = "Question: {question}"
+PROMPT_TEMPLATE = prompts_lib.PLAIN_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,26 +53,33 @@ class TeacherConfig:
         raise ValueError(f"TeacherConfig.{name} must be in [0, 1], got {v}")
 
 
-def prompt_ids(tokenizer: Any, question: Question) -> list[int]:
-  """`<bos>` and the tokens of `PROMPT_TEMPLATE` for one question."""
-  return [tokenizer.bos_id, *tokenizer.encode(PROMPT_TEMPLATE.format(question=question.question))]
+def prompt_ids(tokenizer: Any, question: Question, prompt: PromptConfig | None = None, *,
+               protocol: str = "special", closed_book: bool = False) -> list[int]:
+  """The prompt of one question (`jaxsearch.data.prompts.prompt_ids`); with the default
+  plain style `<bos>` and the tokens of `PROMPT_TEMPLATE`."""
+  return prompts_lib.prompt_ids(tokenizer, question.question, prompt, protocol=protocol,
+                                closed_book=closed_book)
 
 
 def encode_prompts(
     tokenizer: Any, questions: Sequence[Question], *, closed_book: bool = False,
+    prompt: PromptConfig | None = None, protocol: str = "special",
 ) -> tuple[np.ndarray, np.ndarray]:
   """Tokenizes questions into right-padded prompts.
 
   Args:
     tokenizer: a `jaxsearch.data.tokenizer.Tokenizer`.
     questions: the questions.
-    closed_book: append `<answer>` so the policy must answer without searching.
+    closed_book: end with `<answer>` so the policy must answer without searching.
+    prompt: the prompt settings (default `PromptConfig()`).
+    protocol: "special" or "text" (see `jaxsearch.data.prompts`).
 
   Returns:
     `(prompts [N, P] int32, lengths [N] int32)`, padded with `tokenizer.pad_id`.
   """
-  suffix = [tokenizer.tag_id("<answer>")] if closed_book else []
-  return pad_sequences([prompt_ids(tokenizer, q) + suffix for q in questions], tokenizer.pad_id)
+  return pad_sequences([prompt_ids(tokenizer, q, prompt, protocol=protocol,
+                                   closed_book=closed_book) for q in questions],
+                       tokenizer.pad_id)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None
@@ -121,6 +130,8 @@ def build_demonstrations(
     config: TeacherConfig,
     *,
     max_len: int,
+    prompt: PromptConfig | None = None,
+    protocol: str = "special",
 ) -> tuple[SequenceBatch, dict[str, float]]:
   """Builds teacher trajectories as token sequences with a loss mask on the policy's tokens.
 
@@ -131,6 +142,8 @@ def build_demonstrations(
     respond_fn: answers a batch of queries exactly as the rollout's environment does.
     config: the teacher's noise.
     max_len: T; demonstrations longer than this raise.
+    prompt: the prompt settings (default `PromptConfig()`).
+    protocol: how tags are written: "special" (one id each) or "text".
 
   Returns:
     `(SequenceBatch(tokens [N, T], loss_mask [N, T]), stats)`, stats holding the fraction of
@@ -141,20 +154,19 @@ def build_demonstrations(
   plans = [teacher_plan(q, world, config, rng) for q in questions]
   all_queries = [query for queries, _ in plans for query in queries]
   blocks, retrieved = respond_fn(all_queries) if all_queries else ([], [])
-  tag = tokenizer.tag_id
   seqs, masks, hits, full = [], [], [], 0
   cursor = 0
   for q, (queries, answer) in zip(questions, plans):
-    ids = prompt_ids(tokenizer, q)
+    ids = prompt_ids(tokenizer, q, prompt, protocol=protocol)
     mask = [False] * len(ids)
     for hop, query in enumerate(queries):
-      action = [tag("<search>"), *tokenizer.encode(query), tag("</search>")]
+      action = prompts_lib.tagged_ids(tokenizer, protocol, "search", query)
       ids += action + blocks[cursor]
       mask += [True] * len(action) + [False] * len(blocks[cursor])
       if hop < len(q.supporting_doc_ids):   # questions from QA files name none
         hits.append(world.doc_index(q.supporting_doc_ids[hop]) in retrieved[cursor])
       cursor += 1
-    action = [tag("<answer>"), *tokenizer.encode(answer), tag("</answer>")]
+    action = prompts_lib.tagged_ids(tokenizer, protocol, "answer", answer)
     ids += action
     mask += [True] * len(action)
     full += len(queries) == q.hops and answer == q.answers[0]

@@ -45,7 +45,7 @@ PRETRAINED.register("smollm2-135m-instruct")(gguf.load_smollm2)
 def _mean_rows(table: np.ndarray, base: int, ids: list[int], axis: int) -> np.ndarray:
   """`table` with the entries `ids` along `axis` set to the mean of its first `base` entries,
   grown along `axis` when an id falls past its end."""
-  table = np.moveaxis(np.asarray(table, np.float32), axis, 0)
+  table = np.array(np.moveaxis(np.asarray(table, np.float32), axis, 0))   # a writable copy
   rows = max(table.shape[0], max(ids) + 1)
   if rows > table.shape[0]:
     table = np.concatenate([table, np.zeros((rows - table.shape[0], *table.shape[1:]),

@@ -45,13 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsearch.data.prompts import PROTOCOLS
 from jaxsearch.retrieval.bm25 import TokenizedCorpus
 from jaxsearch.rollout.sampling import sample_logits
 from jaxsearch.types import PyTree, Rollout
 
 INVALID_SEARCH_MESSAGE = "invalid search: write a non-empty query between <search> and </search>"
 BUDGET_MESSAGE = "no searches left: answer now"
-PROTOCOLS = ("special", "text")
 # The text protocol's response wrapper: blank lines around the block, as the prompt shows it.
 TEXT_INFO_OPEN = "\n\n<information>"
 TEXT_INFO_CLOSE = "</information>\n\n"

@@ -42,12 +42,17 @@ class SmolLM2PolicyTest(absltest.TestCase):
                                           num_distractors=5, train_size=20, validation_size=4,
                                           test_size=4))
     exp = experiment.setup(config)
-    self.assertEqual(exp.model.config.vocab_size, 49160)
+    # "auto": text tags in SmolLM2's own vocabulary, prompts through its chat template.
+    self.assertEqual(exp.env.protocol, "text")
+    self.assertEqual(exp.model.config.vocab_size, 49152)
     self.assertEqual(exp.model.config.num_layers, 30)
-    self.assertEqual(exp.tokenizer.tag_id("<search>"), 49152)
-    self.assertEqual(exp.env.search_open, 49152)
+    self.assertEqual(exp.env.eos_ids, (exp.tokenizer.eos_id,))
+    prompt = exp.tokenizer.decode(exp.encode_prompts(exp.world.splits["test"][:1])[0][0],
+                                  skip_special=False)
+    self.assertIn("<|im_start|>user\nAnswer the question below.", prompt)
+    self.assertTrue(prompt.rstrip("<|im_end|>").endswith("<|im_start|>assistant\n"), prompt)
     params, specs = exp.init_params(jax.random.key(0))
-    _, ref_params, _ = pretrained.load_pretrained("smollm2-135m-instruct", add_tags=True)
+    _, ref_params, _ = pretrained.load_pretrained("smollm2-135m-instruct", add_tags=False)
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
     self.assertEqual(jax.tree.structure(params), jax.tree.structure(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
@@ -57,6 +62,11 @@ class SmolLM2PolicyTest(absltest.TestCase):
     ref = Transformer(dataclasses.replace(exp.model.config)).apply(
         {"params": ref_params}, jnp.asarray([ids]))
     np.testing.assert_allclose(logits, ref, atol=1e-5)
+    # The special-id protocol grows the vocabulary by the 8 tags.
+    special = experiment.setup(dataclasses.replace(config, protocol="special"))
+    self.assertEqual(special.model.config.vocab_size, 49160)
+    self.assertEqual(special.tokenizer.tag_id("<search>"), 49152)
+    self.assertEqual(special.env.search_open, 49152)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import numpy as np
 from flax import linen as nn
 
 from jaxsearch.data import demos
+from jaxsearch.data import prompts as prompts_lib
+from jaxsearch.data.prompts import PromptConfig
 from jaxsearch.data import qa_files
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import SPLITS, Document, World, WorldConfig, build_world
@@ -245,8 +247,14 @@ class RunConfig:
       scan_layers, max_len) are used; the sizes come from the checkpoint.
     pretrained: "" to train from scratch with a tokenizer trained on the world, or a
       `jaxsearch.models.pretrained.load_pretrained` spec (e.g. "smollm2-135m-instruct",
-      "gguf:PATH"): the policy, its tokenizer and parameters come from the checkpoint (the
-      agent's tags are added to its vocabulary).
+      "gguf:PATH", "hf:DIR" for a local Hugging Face Llama / Qwen2 / Qwen3 directory): the
+      policy, its tokenizer and parameters come from the checkpoint.
+    protocol: how the agent writes its tags (`jaxsearch.rollout.search_env`): "text" (the tags
+      are ordinary text of the model's vocabulary, Search-R1's way), "special" (one id per
+      tag; a pretrained vocabulary is grown by the tags, with mean embedding rows) or "auto"
+      ("text" with `pretrained`, "special" for the from-scratch world model).
+    prompt: how questions are put to the policy (`jaxsearch.data.prompts`: a chat
+      conversation rendered by the checkpoint's own template, or the plain format).
     bm25: the search tool's BM25 parameters.
     search_tool: the search tool (`jaxsearch.retrieval.search_tools`): `BM25Search()` (in-graph
       BM25 over token ids, the default), `HttpSearch(url=...)` (a Search-R1-style retrieval
@@ -270,6 +278,8 @@ class RunConfig:
   tokenizer_vocab_size: int = 1024
   model: TransformerConfig = TransformerConfig(vocab_size=1024)
   pretrained: str = dataclasses.field(default="", metadata={"path": "spec"})  # "gguf:PATH"
+  protocol: str = "auto"
+  prompt: PromptConfig = PromptConfig()
   bm25: BM25Config = BM25Config()
   search_tool: BM25Search | HttpSearch | GenerativeSearch = BM25Search()
   rollout: RolloutConfig = RolloutConfig()
@@ -283,6 +293,9 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
+    if self.protocol not in ("auto", *prompts_lib.PROTOCOLS):
+      raise ValueError(f"RunConfig.protocol must be 'auto', 'special' or 'text', got "
+                       f"{self.protocol!r}")
     if self.eval_split not in ("train", "validation", "test"):
       raise ValueError(f"RunConfig.eval_split must be train/validation/test, got {self.eval_split!r}")
     for name in ("eval_batch_size", "checkpoint_every", "tokenizer_vocab_size"):
@@ -295,6 +308,13 @@ class RunConfig:
       raise ValueError(f"{type(self.search_tool).__name__}.beam_size ({beam}) must be >= "
                        f"RolloutConfig.top_k ({self.rollout.top_k}): the beam holds the "
                        "documents returned")
+
+  @property
+  def resolved_protocol(self) -> str:
+    """"special" or "text" ("auto": text with a pretrained policy)."""
+    if self.protocol != "auto":
+      return self.protocol
+    return "text" if self.pretrained else "special"
 
   @staticmethod
   def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +359,10 @@ class Experiment:
       params = self.pretrained_params
       if self.model.config.scan_layers:
         params = stack_layer_params(params, self.model.config.num_layers)
-      params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, nn.meta.unbox(boxed))
+      # The abstract values without `unbox` (which would constrain them to the mesh).
+      abstract = jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b,
+                              boxed, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
+      params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
       return params, nn.get_partition_spec(boxed)
     boxed = self.model.init(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
@@ -371,7 +394,8 @@ class Experiment:
     return self.model.apply(variables, tokens)
 
   def encode_prompts(self, questions, *, closed_book: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    prompts, lens = demos.encode_prompts(self.tokenizer, questions, closed_book=closed_book)
+    prompts, lens = demos.encode_prompts(self.tokenizer, questions, closed_book=closed_book,
+                                         prompt=self.config.prompt, protocol=self.env.protocol)
     if prompts.shape[1] > self.prompt_width:
       raise ValueError(f"a prompt has {prompts.shape[1]} tokens, more than the prompt width "
                        f"{self.prompt_width}")
@@ -386,7 +410,8 @@ class Experiment:
       document indices.
     """
     lq = self.config.rollout.max_query_tokens
-    encoded = [self.tokenizer.encode(q)[:lq] for q in queries]
+    encoded = [prompts_lib.search_query_ids(self.tokenizer, self.env.protocol, q)[:lq]
+               for q in queries]
     qtok, qlen = demos.pad_sequences(encoded, self.tokenizer.pad_id, lq)
     qmask = np.arange(lq)[None, :] < qlen[:, None]
     ids, block, blen = jax.tree.map(np.asarray, self.respond_fn(self.tool, qtok, qmask))
@@ -415,10 +440,11 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     The assembled `Experiment`.
   """
   world = load_world(config)
+  protocol = config.resolved_protocol
   pretrained_params = None
   if config.pretrained:
     loaded_config, pretrained_params, loaded_tokenizer = load_pretrained(
-        config.pretrained, dtype=config.model.param_dtype, add_tags=True)
+        config.pretrained, dtype=config.model.param_dtype, add_tags=protocol == "special")
     tokenizer = loaded_tokenizer if tokenizer is None else tokenizer
     vocab = loaded_config.vocab_size
     model_config = dataclasses.replace(
@@ -437,7 +463,7 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
                      f"has {vocab} (RunConfig.tokenizer_vocab_size or the pretrained model)")
   model = Transformer(model_config)
-  env = EnvTokens.from_tokenizer(tokenizer)
+  env = EnvTokens.from_tokenizer(tokenizer, protocol)
   tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab, bm25=config.bm25,
                            ignore_ids=env.special_ids,
                            max_passage_tokens=config.data.max_passage_tokens or None)
@@ -465,8 +491,9 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     return ids, block, length
 
   all_questions = [q for qs in world.splits.values() for q in qs]
-  prompt_width = max(len(demos.encode_prompts(tokenizer, [q], closed_book=True)[0][0])
-                     for q in all_questions)
+  prompt_width = max(len(demos.prompt_ids(tokenizer, q, config.prompt, protocol=protocol,
+                                          closed_book=closed_book))
+                     for q in all_questions for closed_book in (False, True))
   return Experiment(
       config=config, world=world, tokenizer=tokenizer, env=env, tool=tool, model=model,
       prompt_width=prompt_width,

@@ -231,7 +231,8 @@ def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done,
   train_qs = exp.world.splits["train"]
   qs = [train_qs[i % len(train_qs)] for i in range(cfg.num_demos)]
   data, stats = demos.build_demonstrations(exp.world, qs, exp.tokenizer, exp.respond, cfg.teacher,
-                                           max_len=exp.config.rollout.max_len)
+                                           max_len=exp.config.rollout.max_len,
+                                           prompt=exp.config.prompt, protocol=exp.env.protocol)
   logging.info("demonstrations: %s", stats)
   writer.write_scalars(0, {f"demos/{k}": v for k, v in stats.items()})
   lengths = np.sum(np.cumsum(data.tokens[:, ::-1] != exp.tokenizer.pad_id, 1) > 0, 1)

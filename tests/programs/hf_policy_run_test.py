@@ -1,0 +1,82 @@
+"""`RunConfig.pretrained = "hf:DIR"` through the launcher: a tiny random Qwen3 checkpoint
+(transformers weights, `tokenizers` tokenizer, a ChatML template with <think> blocks) warm
+starts and takes 2 RL steps with text tags; the trained policy is exported with
+`save_hf_checkpoint` and transformers loads it with the same logits."""
+import json
+import os
+import shutil
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from absl.testing import absltest
+
+from jaxsearch import metrics as metrics_lib
+from jaxsearch.models.hf import save_hf_checkpoint
+from jaxsearch.programs.search_agent import workdir as workdir_lib
+from tests.data.hf_tokenizer_fixtures import write_tokenizer_dir
+from tests.integration.launcher_test import launch
+from tests.models import hf_fixtures as fx
+
+RL_STEPS = 2
+BINDINGS = (
+    "SFT_STEPS = 2", f"RL_STEPS = {RL_STEPS}",
+    "search_env.RolloutConfig.max_len = 384", "transformer.TransformerConfig.max_len = 384",
+    "experiment.DataConfig.max_passage_tokens = 24",
+    'prompts.PromptConfig.instruction = "Search with <search> q </search>, answer with '
+    '<answer> a </answer>. {question}"',
+    'prompts.PromptConfig.closed_book_instruction = "Answer with <answer> a </answer>. '
+    '{question}"',
+)
+
+
+@pytest.mark.slow
+class HFPolicyRunTest(absltest.TestCase):
+
+  def test_text_tags_run_and_the_export_loads_in_transformers(self):
+    ckpt = fx.save(fx.build("qwen3_tied", vocab_size=320))
+    write_tokenizer_dir(ckpt, "qwen3")
+    workdir = tempfile.mkdtemp()
+    out = launch(workdir, f'experiment.RunConfig.pretrained = "hf:{ckpt}"', *BINDINGS,
+                 gin_files=("gin/models/smollm2_135m.gin",))
+    self.assertEqual(out.returncode, 0, out.stderr[-4000:])
+    self.assertIn(f"[rl {RL_STEPS}/{RL_STEPS}]", out.stdout)
+    with open(os.path.join(workdir, "summary.json")) as f:
+      summary = json.load(f)
+    self.assertIn("rl_em", summary)
+    exp = workdir_lib.load_experiment(workdir)
+    self.assertEqual(exp.env.protocol, "text")                 # "auto" with a pretrained policy
+    self.assertEqual(exp.model.config.vocab_size, 320)         # no tag rows added
+    # The prompt is the checkpoint's chat template around the configured instruction.
+    prompt = exp.tokenizer.decode(exp.encode_prompts(exp.world.splits["test"][:1])[0][0],
+                                  skip_special=False)
+    self.assertTrue(prompt.startswith("<|im_start|>user\nSearch with <search>"), prompt[:80])
+    self.assertIn("<|im_start|>assistant\n", prompt)
+    # SFT and RL wrote the steps they were asked for.
+    rl = [r for r in metrics_lib.read_metrics(workdir) if "rl/loss" in r]
+    self.assertEqual(sorted({r["step"] for r in rl}), list(range(1, RL_STEPS + 1)))
+
+    params = workdir_lib.load_params(exp, workdir, "rl")
+    export = tempfile.mkdtemp()
+    save_hf_checkpoint(exp.model, params, export)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+      shutil.copy(os.path.join(ckpt, name), export)
+    with open(os.path.join(export, "config.json")) as f:
+      self.assertEqual(json.load(f)["model_type"], "qwen3")
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        export, dtype=torch.float32).eval()
+    ids = fx.tokens(300, length=12)
+    ours = exp.model.apply({"params": params}, jnp.asarray(ids))
+    np.testing.assert_allclose(ours, fx.torch_logits(torch_model, ids), atol=1e-4, rtol=0)
+    # Training moved the weights away from the checkpoint's.
+    original = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    self.assertFalse(np.allclose(fx.torch_logits(original.eval(), ids), np.asarray(ours),
+                                 atol=1e-3))
+
+
+
+if __name__ == "__main__":
+  absltest.main()
