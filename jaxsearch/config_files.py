@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 import typing
 from typing import Any
 
@@ -121,6 +122,10 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     if field.name not in data:
       continue
     value, hint = data[field.name], hints[field.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
+      # `Config | None` (e.g. RunConfig.lora): the one dataclass member of the union.
+      members = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+      hint = members[0] if len(members) == 1 else hint
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
       value = config_from_dict(hint, value)
     elif typing.get_origin(hint) is tuple and isinstance(value, list):

@@ -1,9 +1,12 @@
 """Optimizers: AdamW with linear warm-up, cosine or constant decay, and global-norm clipping."""
 from __future__ import annotations
 
+from typing import Callable
+
 import dataclasses
 
 import optax
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,3 +79,23 @@ def make_optimizer(config: OptimizerConfig, total_steps: int | None = None
   parts.append(optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
   return optax.chain(*parts)
+
+
+def train_only(tx: optax.GradientTransformation, trainable: Callable[[tuple[str, ...]], bool]
+               ) -> optax.GradientTransformation:
+  """`tx` on the parameters whose path `trainable` accepts; the rest are frozen: zero updates
+  and no optimizer state (LoRA: only the adapters are trained and held in Adam's moments).
+
+  Args:
+    tx: the optimizer of the trained leaves (clipping included: the global norm is the
+      trained leaves' norm).
+    trainable: `(path of keys) -> bool`, e.g. `jaxsearch.models.lora.is_adapter_path`.
+
+  Example:
+    >>> tx = train_only(make_optimizer(OptimizerConfig()), lora.is_adapter_path)
+  """
+  def labels(params):
+    return traverse_util.path_aware_map(
+        lambda path, _: "train" if trainable(tuple(path)) else "frozen", params)
+
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

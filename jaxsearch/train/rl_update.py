@@ -62,6 +62,7 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                       critic: CriticConfig | None = None,
                       value_apply_fn: Callable | None = None,
                       norm_length: int | float | None = None,
+                      reference_params: Callable[[PyTree, PyTree], PyTree] | None = None,
                       ) -> Callable[..., tuple[RLState, Metrics]]:
   """The RL step of `config` as one pure function.
 
@@ -71,6 +72,10 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
     critic: PPO's critic config (needed with `advantage="gae"`).
     value_apply_fn: the critic, `(variables, tokens) -> values [N, T]`.
     norm_length: divisor of agg="seq-mean-token-sum-norm" (`config.norm_length` wins).
+    reference_params: `(policy params, rl_state.ref_params) -> the KL reference's parameters`;
+      None: `rl_state.ref_params` is the whole frozen reference. LoRA keeps only the
+      reference's adapters in the state and joins them with the policy's frozen base (one copy
+      of the base weights).
 
   Returns:
     `update_fn(rl_state, batch: RLBatch, train_policy: bool = True) -> (rl_state, metrics)`;
@@ -105,7 +110,10 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
     metrics["critic_warmup"] = jnp.asarray(0.0 if train_policy else 1.0)
     policy = rl_state.policy
     if train_policy:
-      ref_logp = logprobs(rl_state.ref_params, batch.tokens) if config.kl_coef else None
+      ref = rl_state.ref_params
+      if reference_params is not None and ref is not None:
+        ref = reference_params(policy.params, ref)
+      ref_logp = logprobs(ref, batch.tokens) if config.kl_coef else None
       old_logp = logprobs(policy.params, batch.tokens) if config.needs_old_logp else None
       pg_batch = PolicyGradientBatch(batch.tokens, batch.policy_mask, adv, old_logp, ref_logp)
       policy, pm = repeat(policy_update, policy, pg_batch)

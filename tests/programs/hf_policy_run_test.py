@@ -8,13 +8,15 @@ import shutil
 import tempfile
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 from jaxsearch import metrics as metrics_lib
+from jaxsearch.models import lora as lora_lib
 from jaxsearch.models.hf import save_hf_checkpoint
 from jaxsearch.programs.search_agent import workdir as workdir_lib
 from tests.data.hf_tokenizer_fixtures import write_tokenizer_dir
@@ -34,14 +36,17 @@ BINDINGS = (
 
 
 @pytest.mark.slow
-class HFPolicyRunTest(absltest.TestCase):
+class HFPolicyRunTest(parameterized.TestCase):
 
-  def test_text_tags_run_and_the_export_loads_in_transformers(self):
+  @parameterized.parameters(False, True)
+  def test_text_tags_run_and_the_export_loads_in_transformers(self, lora):
     ckpt = fx.save(fx.build("qwen3_tied", vocab_size=320))
     write_tokenizer_dir(ckpt, "qwen3")
     workdir = tempfile.mkdtemp()
     out = launch(workdir, f'experiment.RunConfig.pretrained = "hf:{ckpt}"', *BINDINGS,
-                 gin_files=("gin/models/smollm2_135m.gin",))
+                 *(("lora.LoraConfig.rank = 4",) if lora else ()),
+                 gin_files=("gin/models/smollm2_135m.gin",
+                            *(("gin/models/lora.gin",) if lora else ())))
     self.assertEqual(out.returncode, 0, out.stderr[-4000:])
     self.assertIn(f"[rl {RL_STEPS}/{RL_STEPS}]", out.stdout)
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -60,8 +65,19 @@ class HFPolicyRunTest(absltest.TestCase):
     self.assertEqual(sorted({r["step"] for r in rl}), list(range(1, RL_STEPS + 1)))
 
     params = workdir_lib.load_params(exp, workdir, "rl")
+    self.assertEqual(exp.config.lora is not None, lora)
+    if lora:
+      base, adapters = lora_lib.split_params(params)
+      self.assertNotEmpty(adapters)
+      # The base is the checkpoint's, bit for bit, after SFT and RL; the adapters trained
+      # (their B starts at zero).
+      jax.tree.map(np.testing.assert_array_equal, base, exp.pretrained_params)
+      b = [x for p, x in jax.tree_util.tree_leaves_with_path(adapters) if "lora_b" in str(p)]
+      self.assertNotEmpty(b)
+      self.assertTrue(all(np.abs(np.asarray(x)).max() > 0 for x in b))
+    model, params = exp.export(params)
     export = tempfile.mkdtemp()
-    save_hf_checkpoint(exp.model, params, export)
+    save_hf_checkpoint(model, params, export)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
       shutil.copy(os.path.join(ckpt, name), export)
     with open(os.path.join(export, "config.json")) as f:
@@ -69,7 +85,7 @@ class HFPolicyRunTest(absltest.TestCase):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(
         export, dtype=torch.float32).eval()
     ids = fx.tokens(300, length=12)
-    ours = exp.model.apply({"params": params}, jnp.asarray(ids))
+    ours = model.apply({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(ours, fx.torch_logits(torch_model, ids), atol=1e-4, rtol=0)
     # Training moved the weights away from the checkpoint's.
     original = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)

@@ -17,12 +17,14 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 from jaxsearch.data import demos
@@ -31,6 +33,8 @@ from jaxsearch.data.prompts import PromptConfig
 from jaxsearch.data import qa_files
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import SPLITS, Document, World, WorldConfig, build_world
+from jaxsearch.models import lora as lora_lib
+from jaxsearch.models.lora import LoraConfig
 from jaxsearch.models.pretrained import load_pretrained
 from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
                                           stack_layer_params)
@@ -43,7 +47,7 @@ from jaxsearch.retrieval.tool import SearchTool, build_search_tool
 from jaxsearch.rewards.combine import weighted_rewards
 from jaxsearch.rollout.search_env import (EnvTokens, RolloutConfig, block_width,
                                           information_block, make_rollout_fn)
-from jaxsearch.train.optim import OptimizerConfig
+from jaxsearch.train.optim import OptimizerConfig, make_optimizer, train_only
 from jaxsearch.train import sharding
 from jaxsearch.train.sharding import MeshConfig
 from jaxsearch.train.steps import CriticConfig, PolicyGradientConfig
@@ -255,6 +259,10 @@ class RunConfig:
       ("text" with `pretrained`, "special" for the from-scratch world model).
     prompt: how questions are put to the policy (`jaxsearch.data.prompts`: a chat
       conversation rendered by the checkpoint's own template, or the plain format).
+    lora: None trains every weight; a `LoraConfig` (`jaxsearch.models.lora`, qwix) trains
+      low-rank adapters on its target projections only: the optimizer holds state for the
+      adapters alone, the base weights stay frozen, and the KL reference shares them (the
+      state keeps the reference's adapters only).
     bm25: the search tool's BM25 parameters.
     search_tool: the search tool (`jaxsearch.retrieval.search_tools`): `BM25Search()` (in-graph
       BM25 over token ids, the default), `HttpSearch(url=...)` (a Search-R1-style retrieval
@@ -280,6 +288,7 @@ class RunConfig:
   pretrained: str = dataclasses.field(default="", metadata={"path": "spec"})  # "gguf:PATH"
   protocol: str = "auto"
   prompt: PromptConfig = PromptConfig()
+  lora: LoraConfig | None = None
   bm25: BM25Config = BM25Config()
   search_tool: BM25Search | HttpSearch | GenerativeSearch = BM25Search()
   rollout: RolloutConfig = RolloutConfig()
@@ -347,6 +356,7 @@ class Experiment:
   reward_fn: Callable                     # (completions, golds) -> (total [N], parts)
   respond_fn: Callable                    # jitted (tool, query tokens, mask) -> (ids, block, len)
   pretrained_params: PyTree | None = None # the checkpoint's parameters with `pretrained`
+  base_model: Transformer | None = None   # the model without adapters (LoRA); else `model`
 
   def init_params(self, rng: jax.Array) -> tuple[PyTree, PyTree]:
     """Returns `(params, logical_specs)`: plain parameters and their logical axis names.
@@ -355,17 +365,30 @@ class Experiment:
     """
     tokens = jnp.zeros((1, 8), jnp.int32)
     if self.pretrained_params is not None:
-      boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
+      with self._init_context():
+        boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
       params = self.pretrained_params
       if self.model.config.scan_layers:
         params = stack_layer_params(params, self.model.config.num_layers)
       # The abstract values without `unbox` (which would constrain them to the mesh).
       abstract = jax.tree.map(lambda b: b.value if isinstance(b, nn.meta.AxisMetadata) else b,
                               boxed, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
+      if self.config.lora is not None:     # the checkpoint's base, fresh adapters (B = 0)
+        base, _ = lora_lib.split_params(abstract)
+        params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, base)
+        with self._init_context():
+          params = lora_lib.init_lora_params(self.model, params, rng, tokens)
       params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
       return params, nn.get_partition_spec(boxed)
-    boxed = self.model.init(rng, tokens)["params"]
-    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+    with self._init_context():
+      boxed = self.model.init(rng, tokens)["params"]
+      return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+  def _init_context(self):
+    """LoRA: initialise without the logical-axis rules (qwix boxes an einsum kernel's adapters
+    with the kernel's axis names, which a constraint of the wrong rank would reject); the
+    parameters are placed by their specs afterwards."""
+    return contextlib.nullcontext() if self.config.lora is None else nn.logical_axis_rules(())
 
   def init_sharded_params(self, rng: jax.Array, mesh) -> tuple[PyTree, PyTree]:
     """`init_params`, born sharded over `mesh`: the abstract shapes give the shardings, a
@@ -377,14 +400,18 @@ class Experiment:
     """
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     tokens = jnp.zeros((rows, 8), jnp.int32)
-    boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
+    with self._init_context():
+      boxed = jax.eval_shape(self.model.init, rng, tokens)["params"]
     specs = nn.get_partition_spec(boxed)
     shardings = sharding.param_shardings(specs, mesh)
     if self.pretrained_params is not None:
       params, _ = self.init_params(rng)
       return jax.device_put(params, shardings), specs
-    init = jax.jit(lambda key: nn.meta.unbox(self.model.init(key, tokens)["params"]),
-                   out_shardings=shardings)
+    def init_fn(key):
+      with self._init_context():
+        return nn.meta.unbox(self.model.init(key, tokens)["params"])
+
+    init = jax.jit(init_fn, out_shardings=shardings)
     # Without XLA's algebraic simplifier the jitted initialisers round exactly as the
     # op-by-op ones (`init_params`): the same seed gives the same parameters either way.
     params = init.lower(rng).compile(compiler_options=sharding.EXACT_INIT_OPTIONS)(rng)
@@ -392,6 +419,19 @@ class Experiment:
 
   def apply_fn(self, variables, tokens):
     return self.model.apply(variables, tokens)
+
+  def optimizer(self, config: OptimizerConfig, total_steps: int | None = None
+                ) -> optax.GradientTransformation:
+    """The policy's optimizer: `make_optimizer`, on the adapters only with LoRA."""
+    tx = make_optimizer(config, total_steps)
+    return tx if self.config.lora is None else train_only(tx, lora_lib.is_adapter_path)
+
+  def export(self, params: PyTree) -> tuple[Transformer, PyTree]:
+    """`(model, params)` without adapters (LoRA merged: `W + alpha / rank * A @ B`), e.g. for
+    `jaxsearch.models.hf.save_hf_checkpoint`."""
+    if self.config.lora is None:
+      return self.model, params
+    return self.base_model, lora_lib.merge_lora(params, self.config.lora)
 
   def encode_prompts(self, questions, *, closed_book: bool = False) -> tuple[np.ndarray, np.ndarray]:
     prompts, lens = demos.encode_prompts(self.tokenizer, questions, closed_book=closed_book,
@@ -462,7 +502,9 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
   if tokenizer.vocab_size > vocab:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
                      f"has {vocab} (RunConfig.tokenizer_vocab_size or the pretrained model)")
-  model = Transformer(model_config)
+  base_model = Transformer(model_config)
+  model = (base_model if config.lora is None
+           else lora_lib.lora_model(base_model, config.lora))
   env = EnvTokens.from_tokenizer(tokenizer, protocol)
   tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab, bm25=config.bm25,
                            ignore_ids=env.special_ids,
@@ -503,4 +545,5 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
       reward_fn=weighted_rewards(dict(config.rl.reward_weights)),
       respond_fn=respond_fn,
       pretrained_params=pretrained_params,
+      base_model=base_model,
   )

@@ -48,6 +48,7 @@ from jaxsearch.programs.search_agent import evaluate as eval_lib
 from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
 from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, load_config
 from jaxsearch.train import distributed, sharding, trainer
+from jaxsearch.models import lora
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.rl_update import (RLBatch, RLState, jit_rl_update, make_rl_update_fn,
                                        rl_flops_per_token)
@@ -219,7 +220,7 @@ def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done,
   """
   cfg = exp.config.sft
   state, state_sh = sharding.sharded_train_state(
-      params, specs, apply_fn=exp.apply_fn, tx=make_optimizer(cfg.optimizer, cfg.steps),
+      params, specs, apply_fn=exp.apply_fn, tx=exp.optimizer(cfg.optimizer, cfg.steps),
       mesh=mesh)
   sharding.assert_sharded(state.params, state_sh.params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "sft"))
@@ -317,7 +318,7 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
   # policy's schedule starts after the critic warm-up (its optimizer sees no step before).
   policy, policy_sh = sharding.sharded_train_state(
       jax.tree.map(jnp.copy, ref_params), specs, apply_fn=exp.apply_fn,
-      tx=make_optimizer(cfg.optimizer, max(cfg.steps - warmup, 1)), mesh=mesh)
+      tx=exp.optimizer(cfg.optimizer, max(cfg.steps - warmup, 1)), mesh=mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "rl"))
   critic = critic_ckpt = critic_sh = None
   if g.uses_critic:
@@ -328,14 +329,19 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
   policy, start, _ = trainer.restore_latest(ckpt, policy)
   if critic is not None and start:
     critic = _restore_critic_at(critic_ckpt, start, critic)
-  ref = ref_params if g.kl_coef else None
-  state = RLState(policy=policy, critic=critic, ref_params=ref)
+  ref, ref_sh, reference_params = ref_params, policy_sh.params, None
+  if exp.config.lora is not None:
+    # The reference is the frozen base (shared with the policy) and its own adapters.
+    ref, ref_sh = lora.split_params(ref_params)[1], lora.split_params(policy_sh.params)[1]
+    reference_params = lambda p, adapters: lora.join_params(lora.split_params(p)[0], adapters)
+  state = RLState(policy=policy, critic=critic, ref_params=ref if g.kl_coef else None)
   state_sh = RLState(policy=policy_sh, critic=critic_sh,
-                     ref_params=policy_sh.params if g.kl_coef else None)
+                     ref_params=ref_sh if g.kl_coef else None)
   update = jit_rl_update(make_rl_update_fn(
       exp.apply_fn, g, critic=cfg.critic if g.uses_critic else None,
       value_apply_fn=critic.apply_fn if g.uses_critic else None,
-      norm_length=exp.config.rollout.max_len), mesh, state_sh)
+      norm_length=exp.config.rollout.max_len, reference_params=reference_params),
+      mesh, state_sh)
   if start < cfg.steps and jax.process_index() == 0:
     # The final evaluation of an earlier, shorter run of this workdir no longer holds.
     stale = os.path.join(workdir, "eval_rl.json")

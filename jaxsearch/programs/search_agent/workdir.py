@@ -14,7 +14,6 @@ from jaxsearch.checkpoint import Checkpointer
 from jaxsearch.train.config_files import config_from_dict, config_to_json, read_config  # noqa: F401
 from jaxsearch.data.tokenizer import load_tokenizer
 from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
-from jaxsearch.train.optim import make_optimizer
 from jaxsearch.types import PyTree
 
 CONFIG_FILE = "run_config.json"
@@ -42,7 +41,7 @@ def load_params(exp: Experiment, workdir: str, phase: str = "rl", step: int | No
     raise FileNotFoundError(f"no {phase} checkpoint in {workdir}")
   params, _ = exp.init_params(jax.random.key(0))
   phase_config = exp.config.sft if phase == "sft" else exp.config.rl
-  tx = make_optimizer(phase_config.optimizer, phase_config.steps)
+  tx = exp.optimizer(phase_config.optimizer, phase_config.steps)
   target = {"params": params, "opt_state": tx.init(params),
             "step": jnp.zeros([], jnp.int32)}
   tree, _ = ckpt.restore(step, jax.eval_shape(lambda: target))
