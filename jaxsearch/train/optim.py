@@ -5,6 +5,8 @@ from typing import Callable
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -22,6 +24,9 @@ class OptimizerConfig:
     weight_decay: decoupled weight decay.
     b1, b2, eps: Adam moments.
     grad_clip: global-norm clipping threshold (0 disables).
+    state_dtype: "" keeps the optimizer's state (Adam's moments) in each parameter's dtype;
+      "float32" keeps it, and computes the update, in float32 for bfloat16 / float16
+      parameters (the update is cast back to the parameter's dtype).
   """
 
   learning_rate: float = 1e-3
@@ -33,8 +38,12 @@ class OptimizerConfig:
   b2: float = 0.99
   eps: float = 1e-8
   grad_clip: float = 1.0
+  state_dtype: str = ""
 
   def __post_init__(self):
+    if self.state_dtype not in ("", "float32"):
+      raise ValueError(f"OptimizerConfig.state_dtype must be '' (the parameters' dtype) or "
+                       f"'float32', got {self.state_dtype!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
     if self.warmup_steps < 0:
@@ -78,7 +87,30 @@ def make_optimizer(config: OptimizerConfig, total_steps: int | None = None
   parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
   parts.append(optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  return in_float32(tx) if config.state_dtype == "float32" else tx
+
+
+def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` run on float32 copies of the gradients and parameters: its state is float32
+  whatever the parameters' dtype, and each update is cast back to its parameter's dtype.
+
+  Example:
+    >>> tx = in_float32(optax.adam(1e-3))
+    >>> state = tx.init({"w": jnp.ones(3, jnp.bfloat16)})   # moments in float32
+  """
+  def f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
+
+  def init(params):
+    return tx.init(f32(params))
+
+  def update(updates, state, params=None):
+    new, state = tx.update(f32(updates), state, None if params is None else f32(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def train_only(tx: optax.GradientTransformation, trainable: Callable[[tuple[str, ...]], bool]
