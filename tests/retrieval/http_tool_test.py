@@ -20,6 +20,7 @@ from jaxsearch.retrieval.http_tool import SearchClient, make_http_retrieve_fn, m
 from jaxsearch.retrieval.retriever import build_retriever
 from jaxsearch.retrieval.server import serve_in_thread
 from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
+from tests.rollout import scripted
 
 TOK = ByteTokenizer()
 # The server's corpus; "x9" is unknown to the rollout's local corpus.
@@ -260,24 +261,8 @@ V = TOK.vocab_size
 
 
 def scripted_policy(scripts):
-  """A policy whose greedy choice is the next token of each row's script (as in
-  tests/rollout/search_env_test.py): its cache is a pointer per row, advanced when the token
-  just fed is the expected one."""
-  scripts = jnp.asarray(scripts, jnp.int32)
-
-  def init_cache_fn(n, length):
-    del length
-    return jnp.zeros((n,), jnp.int32)
-
-  def decode_fn(params, tokens, ptr, index):
-    del params, index
-    last = scripts.shape[1] - 1
-    expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, last)[:, None], 1)
-    ptr = ptr + (tokens[:, 0] == expected[:, 0])
-    nxt = jnp.take_along_axis(scripts, jnp.minimum(ptr, last)[:, None], 1)[:, 0]
-    return 50.0 * jax.nn.one_hot(nxt, V)[:, None, :], ptr
-
-  return decode_fn, init_cache_fn
+  """The scripted policy of tests/rollout/scripted.py over this tokenizer's vocabulary."""
+  return scripted.scripted_policy(scripts, V)
 
 
 class HttpRolloutTest(absltest.TestCase):

@@ -8,6 +8,7 @@ from jaxsearch.retrieval.bm25 import build_bm25_index, tokenize_corpus
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import (EnvTokens, EpisodeStatus, RolloutConfig,
                                           information_block, make_rollout_fn)
+from tests.rollout import scripted
 
 PAD, BOS, EOS, S_OPEN, S_CLOSE, I_OPEN, I_CLOSE, A_OPEN, A_CLOSE = range(9)
 V = 40
@@ -20,26 +21,10 @@ PROMPT = [BOS, 20, 21]
 
 
 def scripted_policy(scripts):
-  """A 'model' whose greedy choice is the next action token of each row's script.
-
-  Its cache holds a pointer per row, advanced when the token just fed is the expected one
-  (forced tokens never match: every action after a forced block starts with a tag that no
-  prompt or passage contains).
-  """
-  scripts = jnp.asarray(scripts, jnp.int32)
-
-  def init_cache_fn(n, length):
-    del length
-    return jnp.zeros((n,), jnp.int32)
-
-  def decode_fn(params, tokens, ptr, index):
-    del params, index
-    expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)
-    ptr = ptr + (tokens[:, 0] == expected[:, 0])
-    nxt = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)[:, 0]
-    return 50.0 * jax.nn.one_hot(nxt, V)[:, None, :], ptr
-
-  return decode_fn, init_cache_fn
+  """A 'model' whose greedy choice is the next action token of each row's script (forced
+  tokens never match: every action after a forced block starts with a tag that no prompt or
+  passage contains)."""
+  return scripted.scripted_policy(scripts, V)
 
 
 def run(scripts, **config):

@@ -16,6 +16,7 @@ from absl.testing import absltest, parameterized
 from jaxsearch.retrieval.bm25 import tokenize_corpus
 from jaxsearch.rollout.search_env import (TAIL_BYTES, EnvTokens, EpisodeStatus, RolloutConfig,
                                           make_rollout_fn, token_bytes_table)
+from tests.rollout import scripted
 
 PAD, BOS, EOS, EOS2 = 0, 1, 2, 3
 BYTE0 = 4                                   # id of byte b: BYTE0 + b
@@ -78,22 +79,9 @@ def split(text: str, rng: np.random.Generator) -> list[int]:
 
 
 def scripted_policy(scripts):
-  """Greedy choice = the next id of each row's script; the pointer advances when the token
-  just fed is the expected one (forced tokens are FILL / wrapper ids, in no script)."""
-  scripts = jnp.asarray(scripts, jnp.int32)
-
-  def init_cache_fn(n, length):
-    del length
-    return jnp.zeros((n,), jnp.int32)
-
-  def decode_fn(params, tokens, ptr, index):
-    del params, index
-    expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)
-    ptr = ptr + (tokens[:, 0] == expected[:, 0])
-    nxt = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)[:, 0]
-    return 50.0 * jax.nn.one_hot(nxt, V)[:, None, :], ptr
-
-  return decode_fn, init_cache_fn
+  """Greedy choice = the next id of each row's script (forced tokens are FILL / wrapper ids,
+  in no script)."""
+  return scripted.scripted_policy(scripts, V)
 
 
 def echo_retrieve_fn(tool_state, query, mask):
@@ -269,17 +257,8 @@ class FromTokenizerTest(parameterized.TestCase):
     vocab = tok.vocab_size
     corpus = tokenize_corpus([[tok.pad_id]] * vocab, pad_id=tok.pad_id)
     cfg = RolloutConfig(temperature=0.0, max_len=160, top_k=16, max_query_tokens=16)
-    scripts = jnp.asarray([script + [env.eos_ids[-1]] * 4], jnp.int32)
-
-    def decode_fn(params, tokens, ptr, index):
-      del params, index
-      expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)
-      ptr = ptr + (tokens[:, 0] == expected[:, 0])
-      nxt = jnp.take_along_axis(scripts, jnp.minimum(ptr, scripts.shape[1] - 1)[:, None], 1)
-      return 50.0 * jax.nn.one_hot(nxt[:, 0], vocab)[:, None, :], ptr
-
-    fn = jax.jit(make_rollout_fn(cfg, env, decode_fn, lambda n, t: jnp.zeros((n,), jnp.int32),
-                                 echo_retrieve_fn))
+    decode_fn, init_cache_fn = scripted.scripted_policy([script + [env.eos_ids[-1]] * 4], vocab)
+    fn = jax.jit(make_rollout_fn(cfg, env, decode_fn, init_cache_fn, echo_retrieve_fn))
     prompt = [tok.bos_id, *tok.encode("Question")]
     r = jax.tree.map(np.asarray, fn(None, None, corpus, jnp.asarray([prompt], jnp.int32),
                                     jnp.asarray([len(prompt)], jnp.int32), jax.random.key(0)))
