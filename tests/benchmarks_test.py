@@ -3,7 +3,9 @@
 `benchmarks/rollout.py`: greedy parity of the two rollouts; `benchmarks/sampler.py`: jaxsearch's
 sampler and transformers' `generate` produce the same greedy tokens from the same weights;
 `benchmarks/encoder.py`: the same MiniLM embeddings from both; `benchmarks/ann.py`: its rows,
-sweeps and the summary rule comparing ScaNN with exact search and faiss at equal recall.
+sweeps and the summary rule comparing ScaNN with exact search and faiss at equal recall;
+`benchmarks/train_step.py`: FLOPs and MFU arithmetic; `benchmarks/memory_table.py`: per-device
+bytes of the sharded GRPO step against a hand count of parameters, moments and reference.
 """
 from __future__ import annotations
 
@@ -422,6 +424,54 @@ class TrainStepBenchmarkTest(absltest.TestCase):
                                  / r["peak_flops"], rtol=1e-6)
       self.assertGreater(r["peak_flops"], 1e8)
       self.assertLess(r["mfu"], 1.0)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class MemoryTableBenchmarkTest(absltest.TestCase):
+  """`benchmarks/memory_table.py --smoke`: AOT per-device bytes of the sharded GRPO step."""
+
+  def test_smoke_rows_parameter_counts_and_lora_holds_less(self):
+    tmpdir = tempfile.mkdtemp()
+    out = os.path.join(tmpdir, "memory.json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    script = os.path.join(REPO, "benchmarks", "memory_table.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--smoke", "--steps", "grpo", "--json", out], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    rows = json.loads(proc.stdout)
+    with open(out) as f:
+      self.assertEqual(json.load(f), rows)
+    self.assertEqual([(r["mode"], r["step"], r["mesh"]) for r in rows],
+                     [("full", "grpo", "gpu8"), ("lora", "grpo", "gpu8")])
+    # The smoke model: d 128, MLP 512, 2 layers, 4 heads / 2 KV heads (hd 32), vocab 512,
+    # tied embeddings, q/k/v biases; LoRA rank 16 on q, k, v, o, gate, up, down.
+    d, f, layers, hd, kv, v, r16 = 128, 512, 2, 32, 2, 512, 16
+    per_layer = (d * d + d) + 2 * (d * kv * hd + kv * hd) + d * d + 3 * d * f + 2 * d
+    self.assertEqual(rows[0]["params"], v * d + layers * per_layer + d)
+    adapters = r16 * ((d + d) + 2 * (d + kv * hd) + (d + d) + 2 * (d + f) + (f + d))
+    self.assertEqual(rows[1]["trainable_params"], layers * adapters)
+    self.assertEqual(rows[0]["trainable_params"], rows[0]["params"])
+    full, lora = rows
+    for r in rows:
+      self.assertIsNone(r["error"])
+      self.assertEqual((r["devices"], r["batch"], r["micro_batch_size"], r["seq_len"]),
+                       (8, 16, 8, 64))
+      self.assertEqual(r["mesh_shape"]["fsdp"], 8)
+      self.assertGreaterEqual(r["total_gib"] + 1e-12,
+                              r["argument_gib"] + r["output_gib"] - r["alias_gib"]
+                              + r["temp_gib"])
+    # Full fine-tuning holds, sharded over the 8 devices: bf16 weights (2 bytes each), fp32
+    # AdamW moments (8) and the bf16 KL reference copy (2); beyond that only the batch shard
+    # and a few replicated scalars and vectors.
+    by_hand = 12 * full["params"] / 8 / 2 ** 30
+    self.assertBetween(full["argument_gib"] / by_hand, 1.0, 1.1)
+    self.assertLess(lora["trainable_params"], full["params"] / 4)
+    rendered = subprocess.run([sys.executable, script, "--from_json", out, "--markdown"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+    self.assertEqual(rendered.returncode, 0, rendered.stderr[-2000:])
+    self.assertEqual(rendered.stdout.count("\n| smoke |"), 2)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 

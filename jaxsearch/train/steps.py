@@ -480,16 +480,21 @@ def accumulate_gradients(loss_fn: Callable, params: PyTree, batch: PyTree, *,
     loss_acc, aux_acc, grad_acc = carry
     mb, w, mw = xs
     (loss, aux), grads = grad_fn(params, mb)
-    grad_acc = jax.tree.map(lambda a, g: a + w * g, grad_acc, grads)
+    grad_acc = jax.tree.map(lambda a, g: a + w * g.astype(a.dtype), grad_acc, grads)
     live = w > 0
     aux_acc = {k: (jnp.where(live, jnp.minimum(v, aux[k]), v) if k.endswith("_min") else
                    jnp.where(live, jnp.maximum(v, aux[k]), v) if k.endswith("_max") else
                    v + mw * aux[k]) for k, v in aux_acc.items()}
     return (loss_acc + w * loss, aux_acc, grad_acc), None
 
+  # The sum is kept in float32 whatever the parameters' dtype (bfloat16 gradients summed in
+  # bfloat16 lose the small micro-batches' share), and handed back in the dtype a one-pass
+  # gradient has: the parameters'.
   carry = (jnp.zeros([], jnp.float32), {k: init(k, v) for k, v in aux_shape.items()},
-           jax.tree.map(jnp.zeros_like, params))
+           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                        params))
   (loss, aux, grads), _ = jax.lax.scan(body, carry, (micro, weights, metric_w))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   aux = {k: (jnp.where(jnp.isfinite(v), v, 0.0) if k.endswith(("_min", "_max")) else v)
          for k, v in aux.items()}
   return (loss, aux), grads

@@ -166,6 +166,31 @@ class MicroBatchTest(parameterized.TestCase):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
                  acc.params, full.params)
 
+  def test_bfloat16_parameters_accumulate_in_float32(self):
+    # A bf16 model's micro-batch gradients are summed in float32 and handed back as bf16 (the
+    # dtype a one-pass gradient has); a bf16 running sum would compile neither (scan's carry
+    # dtype) nor keep small micro-batches' share.
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5], jnp.bfloat16)}
+    # Micro-batch 0 (rows 0 and 4) sums to 256 and the three others to 0.9 each: in bfloat16
+    # (spacing 2 at 256) each 0.9 would vanish from a running sum, in float32 they add 2.7.
+    x = jnp.full((8, 3), 0.45, jnp.bfloat16).at[0].set(256.0).at[4].set(0.0)
+
+    def loss_fn(p, xb):
+      return jnp.sum(xb.astype(jnp.float32) @ p["w"].astype(jnp.float32)), {}
+
+    (_, _), grads = jax.jit(functools.partial(
+        steps.accumulate_gradients, loss_fn, micro_batch_size=2,
+        weights_fn=lambda mb: jnp.ones(mb.shape[0])))(params, x)
+    self.assertEqual(grads["w"].dtype, jnp.bfloat16)
+    self.assertEqual(float(grads["w"][0]), 258.0)    # 256 + 3 x bf16(0.9), rounded to bf16
+    by_hand = np.zeros(3, np.float32)
+    for m in range(4):                         # strided micro-batches, bf16 grads, f32 sum
+      by_hand += np.asarray(jnp.sum(x[m::4].astype(jnp.float32), 0).astype(jnp.bfloat16),
+                            np.float32)
+    np.testing.assert_array_equal(np.asarray(grads["w"], np.float32),
+                                  np.asarray(jnp.asarray(by_hand).astype(jnp.bfloat16),
+                                             np.float32))
+
   def test_micro_batches_are_strided(self):
     x = jnp.arange(8)
     np.testing.assert_array_equal(steps.micro_batches(x, 4), [[0, 4], [1, 5], [2, 6], [3, 7]])
