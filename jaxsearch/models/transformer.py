@@ -220,15 +220,26 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int | None =
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def make_decode_fn(model: "Transformer"):
-  """`decode_fn(params, tokens, cache, index, positions, kv_mask) -> (logits, cache)`.
+def kv_cache_bytes(config: TransformerConfig, batch_size: int, max_len: int | None = None,
+                   dtype=None) -> int:
+  """Bytes of the `init_cache(config, batch_size, max_len, dtype)` cache (keys and values)."""
+  max_len = config.max_len if max_len is None else max_len
+  dtype = config.compute_dtype if dtype is None else dtype
+  return (2 * config.num_layers * batch_size * config.num_kv_heads * max_len * config.hd
+          * jnp.dtype(dtype).itemsize)
 
-  The signature `jaxsearch.rollout.sampler.make_sampler` expects, from `Transformer.decode`.
+
+def make_decode_fn(model: "Transformer"):
+  """`decode_fn(params, tokens, cache, index, positions, kv_mask, logits_at) -> (logits,
+  cache)`.
+
+  The signature `jaxsearch.rollout.sampler.make_sampler` and the rollout engine expect, from
+  `Transformer.decode`.
   """
 
-  def decode_fn(params, tokens, cache, index, positions=None, kv_mask=None):
+  def decode_fn(params, tokens, cache, index, positions=None, kv_mask=None, logits_at=None):
     return model.apply({"params": params}, tokens, cache, index, positions=positions,
-                       kv_mask=kv_mask, method=Transformer.decode)
+                       kv_mask=kv_mask, logits_at=logits_at, method=Transformer.decode)
 
   return decode_fn
 
@@ -328,8 +339,12 @@ def _kernel_init(names: tuple[str, ...], in_axis=0, out_axis=-1):
 
 
 def _attention_mask(q_slots, kv_slots, kv_mask):
-  """[B or 1, T, S] bool: key slot <= query slot, and the key slot holds a real token."""
-  mask = (kv_slots[None, :] <= q_slots[:, None])[None]          # [1, T, S]
+  """[B or 1, T, S] bool: key slot <= query slot, and the key slot holds a real token.
+  `q_slots` is [T] (every row's new tokens in the same slots) or [B, T] (per-row slots)."""
+  if q_slots.ndim == 2:
+    mask = kv_slots[None, None, :] <= q_slots[:, :, None]       # [B, T, S]
+  else:
+    mask = (kv_slots[None, :] <= q_slots[:, None])[None]        # [1, T, S]
   if kv_mask is not None:
     mask = mask & kv_mask[:, None, :].astype(bool)              # [B, T, S]
   return mask
@@ -371,13 +386,15 @@ class Attention(nn.Module):
       x: [B, T, D] normed inputs.
       positions: [B, T] int32 RoPE positions of the new tokens.
       q_slots: [T] int32 sequence slots of the new tokens (`cache_index + arange(T)` with a
-        cache, `arange(T)` without); a token attends to keys in slots `<=` its own.
+        cache, `arange(T)` without), or [B, T] with per-row cache indices; a token attends to
+        keys in slots `<=` its own.
       kv_mask: optional [B, S] bool (S = T without a cache): slots holding real tokens
         (False for padding); None means all.
       cache: optional `KVCache`, either the full cache ([L, B, Hkv, S, hd], `layer` an int)
         or this layer's ([B, Hkv, S, hd], `layer` None); the new keys/values are written at
         slots `[cache_index, cache_index + T)`.
-      cache_index: [] int32, first slot written.
+      cache_index: [] int32, first slot written; or [B] int32, each row's own first slot (the
+        writes are a scatter that drops slots `>= S`).
       layer: static index of this layer in a full cache.
 
     Returns:
@@ -403,6 +420,17 @@ class Attention(nn.Module):
 
     if cache is None:
       keys, values = k, v                                        # [B, Hkv, T, hd]
+    elif jnp.ndim(cache_index) == 1:        # per-row slots: q_slots [B, T]
+      rows = jnp.arange(b)[:, None]                              # [B, 1]
+      lead = () if layer is None else (layer,)
+
+      def write(buf, new):  # new [B, Hkv, T, hd] -> buf[(layer,) b, :, q_slots[b, t]]
+        return buf.at[(*lead, rows, slice(None), q_slots)].set(
+            jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")   # values [B, T, Hkv, hd]
+
+      cache = KVCache(k=write(cache.k, k), v=write(cache.v, v))
+      keys = (cache.k if layer is None else cache.k[layer]).astype(dtype)
+      values = (cache.v if layer is None else cache.v[layer]).astype(dtype)
     else:
       if layer is None:
         start = (0, 0, cache_index, 0)
@@ -586,23 +614,31 @@ class Transformer(nn.Module):
     x, _ = self._hidden(tokens, *self._full_inputs(tokens, positions, attention_mask))
     return x
 
-  def decode(self, tokens, cache: KVCache, cache_index, *, positions=None, kv_mask=None):
+  def decode(self, tokens, cache: KVCache, cache_index, *, positions=None, kv_mask=None,
+             logits_at=None):
     """Runs T new tokens against the cache.
 
     The keys/values of the new tokens are written at slots `[cache_index, cache_index + T)`;
     token t (slot `cache_index + t`) attends to the slots `<= cache_index + t` that `kv_mask`
-    marks as real. The caller keeps `cache_index + T <= S` (`lax.dynamic_update_slice` would
-    clamp the write otherwise).
+    marks as real. With a scalar `cache_index` the caller keeps `cache_index + T <= S`
+    (`lax.dynamic_update_slice` would clamp the write otherwise). With a [B] `cache_index`
+    every row writes at its own slots (a ragged batch: each row's cache stays compact, with
+    no holes); slots `>= S` are dropped, and a row's tokens past the ones it means to keep
+    may be written and are simply overwritten by its next call.
 
     Args:
       tokens: [B, T] int32.
       cache: `KVCache`, [L, B, Hkv, S, hd] each.
-      cache_index: [] int32, same for every row; may be traced.
-      positions: optional [B, T] int32 RoPE positions; default `cache_index + arange(T)`.
+      cache_index: [] int32, same for every row, or [B] int32, per row; may be traced.
+      positions: optional [B, T] int32 RoPE positions; default `cache_index + arange(T)`
+        (per row).
       kv_mask: optional [B, S] bool, False for slots holding padding.
+      logits_at: optional [B] int32: return only the logits of token `logits_at[b]` of each
+        row, [B, V] (the output head runs on B vectors, not B * T: a chunked prefill needs
+        only its last token's).
 
     Returns:
-      (logits [B, T, V] float32, updated `KVCache`).
+      (logits [B, T, V] float32 (or [B, V] with `logits_at`), updated `KVCache`).
     """
     cfg = self.config
     b, t = tokens.shape
@@ -617,9 +653,15 @@ class Transformer(nn.Module):
     if kv_mask is not None and kv_mask.shape != (b, cache.k.shape[3]):
       raise ValueError(f"kv_mask must be [B, S] = {(b, cache.k.shape[3])}, got {kv_mask.shape}")
     cache_index = jnp.asarray(cache_index, jnp.int32)
-    q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+    if cache_index.ndim not in (0, 1) or (cache_index.ndim == 1 and cache_index.shape != (b,)):
+      raise ValueError(f"cache_index must be a scalar or [B] = [{b}], got {cache_index.shape}")
+    q_slots = (cache_index[..., None] if cache_index.ndim else cache_index) + jnp.arange(
+        t, dtype=jnp.int32)                                      # [T] or [B, T]
     if positions is None:
       positions = q_slots
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
     x, cache = self._hidden(tokens, positions, q_slots, kv_mask, cache, cache_index)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+      return self._logits(x)[:, 0], cache
     return self._logits(x), cache

@@ -16,7 +16,7 @@ def sample_logits(
   """Samples one token per row.
 
   Args:
-    rng: PRNG key.
+    rng: PRNG key, or [N] keys (one per row: row n's token depends on its own key only).
     logits: [N, V] float, unnormalised next-token logits.
     temperature: 0 means greedy (argmax); otherwise logits are divided by it.
     top_p: nucleus mass in (0, 1]; 1 keeps the whole distribution. Static.
@@ -55,5 +55,10 @@ def sample_logits(
       keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
       threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
       masked = jnp.where(masked >= threshold, masked, -jnp.inf)
-    tokens = jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (1 if typed else 2):   # a key per row
+      tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(rng, masked)
+    else:
+      tokens = jax.random.categorical(rng, masked, axis=-1)
+    tokens = tokens.astype(jnp.int32)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

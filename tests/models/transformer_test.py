@@ -17,6 +17,7 @@ from jaxsearch.models.transformer import Transformer
 from jaxsearch.models.transformer import TransformerConfig
 from jaxsearch.models.transformer import count_params
 from jaxsearch.models.transformer import init_cache
+from jaxsearch.models.transformer import kv_cache_bytes
 
 _AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"}
 
@@ -345,6 +346,54 @@ class TransformerTest(parameterized.TestCase):
     p16 = jax.eval_shape(Transformer(_config(dtype="bfloat16", param_dtype="bfloat16")).init,
                          jax.random.key(0), tokens)
     self.assertTrue(all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(p16)))
+
+
+class RaggedDecodeTest(parameterized.TestCase):
+  """Per-row cache indices: each row feeds its own number of tokens per call (a ragged chunked
+  prefill interleaved with one-token steps), and gets the logits a full forward gives it."""
+
+  @parameterized.named_parameters(("unrolled", False), ("scanned", True))
+  def test_ragged_chunks_equal_the_full_forward_of_each_row(self, scan):
+    cfg = _config(scan_layers=scan, qkv_bias=True)
+    model, params = _init_params(cfg)
+    s, width = 16, 4
+    seqs = np.asarray(_tokens(cfg, 3, s, seed=11))
+    full = np.asarray(_forward_fn(model)(params, jnp.asarray(seqs)))          # [3, S, V]
+    # Tokens each row keeps per call (0: the row waits); in the last call row 0 starts at slot
+    # 14, so its chunk's junk runs past the cache (slots >= S are dropped).
+    plan = np.asarray([[4, 1, 3], [1, 4, 1], [2, 0, 4], [3, 1, 1], [4, 4, 2], [2, 2, 4]])
+    step = jax.jit(lambda p, t, c, i, last: model.apply(
+        {"params": p}, t, c, i, logits_at=last, method=Transformer.decode))
+    cache = init_cache(cfg, 3, s)
+    pos = np.zeros(3, np.int32)
+    for keep in plan:
+      chunk = np.zeros((3, width), np.int32)
+      for b in range(3):
+        got = seqs[b, pos[b]:pos[b] + width]
+        chunk[b, :len(got)] = got                 # the rest: junk the row does not keep
+      logits, cache = step(params, jnp.asarray(chunk), cache, jnp.asarray(pos),
+                           jnp.asarray(np.maximum(keep - 1, 0), np.int32))
+      for b in range(3):
+        end = pos[b] + keep[b]
+        if keep[b] and end <= s:
+          np.testing.assert_allclose(logits[b], full[b, end - 1], atol=2e-5, rtol=2e-5,
+                                     err_msg=f"row {b} at length {end}")
+      pos = np.minimum(pos + keep, s)
+    self.assertEqual(pos.tolist(), [s, 12, 15])
+
+  def test_kv_cache_bytes_is_the_caches_size(self):
+    cfg = _config()                                  # L 2, Hkv 2, hd 8
+    for dtype, size in ((None, 4), (jnp.bfloat16, 2)):
+      cache = init_cache(cfg, 3, 10, dtype=dtype)
+      self.assertEqual(kv_cache_bytes(cfg, 3, 10, dtype), cache.k.nbytes + cache.v.nbytes)
+      self.assertEqual(kv_cache_bytes(cfg, 3, 10, dtype), 2 * 2 * 3 * 2 * 10 * 8 * size)
+
+  def test_cache_index_shape_is_checked(self):
+    cfg = _config()
+    model, params = _init_params(cfg)
+    with self.assertRaisesRegex(ValueError, r"cache_index must be a scalar or \[B\] = \[2\]"):
+      model.apply({"params": params}, jnp.zeros((2, 1), jnp.int32), init_cache(cfg, 2, 8),
+                  jnp.zeros((3,), jnp.int32), method=Transformer.decode)
 
 
 class PaddingRematScanTest(parameterized.TestCase):

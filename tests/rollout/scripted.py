@@ -22,11 +22,18 @@ def scripted_policy(scripts, vocab_size: int):
     del length
     return jnp.zeros((n,), jnp.int32)
 
-  def decode_fn(params, tokens, ptr, index):
-    del params, index
-    expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, last)[:, None], 1)
-    ptr = ptr + (tokens[:, 0] == expected[:, 0])
+  def decode_fn(params, tokens, ptr, index, positions=None, kv_mask=None, logits_at=None):
+    # Feeds the row's tokens in order (up to `logits_at`, the chunked engine's last kept one);
+    # the pointer moves past each token that is the one the row expects next.
+    del params, index, positions, kv_mask
+    width = tokens.shape[1]
+    last_fed = (jnp.full((tokens.shape[0],), width - 1, jnp.int32) if logits_at is None
+                else logits_at)
+    for j in range(width):
+      expected = jnp.take_along_axis(scripts, jnp.minimum(ptr, last)[:, None], 1)[:, 0]
+      ptr = ptr + ((tokens[:, j] == expected) & (j <= last_fed))
     nxt = jnp.take_along_axis(scripts, jnp.minimum(ptr, last)[:, None], 1)[:, 0]
-    return 50.0 * jax.nn.one_hot(nxt, vocab_size)[:, None, :], ptr
+    logits = 50.0 * jax.nn.one_hot(nxt, vocab_size)
+    return (logits if logits_at is not None else logits[:, None, :]), ptr
 
   return decode_fn, init_cache_fn

@@ -8,7 +8,7 @@ import optax
 from absl.testing import absltest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsearch.models.transformer import Transformer, TransformerConfig, init_cache
+from jaxsearch.models.transformer import Transformer, TransformerConfig, init_cache, make_decode_fn
 from jaxsearch.retrieval.bm25 import build_bm25_index, tokenize_corpus
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
@@ -102,9 +102,7 @@ class StepsTest(absltest.TestCase):
     index = build_bm25_index(corpus, V, ignore_ids=env.special_ids)
     params = init_params(seed=3)
 
-    def decode_fn(p, tokens, cache, index):
-      return MODEL.apply({"params": p}, tokens, cache, index, method=Transformer.decode)
-
+    decode_fn = make_decode_fn(MODEL)
     fn = make_rollout_fn(RolloutConfig(max_len=40, top_k=1, temperature=1.0), env, decode_fn,
                          lambda n, t: init_cache(CFG, n, t),
                          make_bm25_retrieve_fn(V, 1, env.special_ids))

@@ -37,7 +37,7 @@ from jaxsearch.models import lora as lora_lib
 from jaxsearch.models.lora import LoraConfig
 from jaxsearch.models.pretrained import load_pretrained
 from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
-                                          stack_layer_params)
+                                          make_decode_fn, stack_layer_params)
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.corpus import load_search_r1_corpus
 from jaxsearch.generative.search_tool import GenerativeSearch
@@ -513,13 +513,12 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
       tokenizer=tokenizer, vocab_size=vocab, doc_ids=[d.doc_id for d in world.documents],
       top_k=config.rollout.top_k, special_ids=env.special_ids))
 
-  def decode_fn(params, tokens, cache, index):
-    return model.apply({"params": params}, tokens, cache, index, method=Transformer.decode)
-
-  def init_cache_fn(batch, length):
-    return init_cache(model_config, batch, length)
+  decode_fn = make_decode_fn(model)
 
   def rollout_fn_for(rollout_config: RolloutConfig):
+    def init_cache_fn(batch, length):
+      return init_cache(model_config, batch, length, dtype=rollout_config.cache_dtype or None)
+
     fn = make_rollout_fn(rollout_config, env, decode_fn, init_cache_fn, retrieve_fn)
     return jax.jit(lambda params, tool, prompts, lens, rng: fn(
         params, tool.index, tool.corpus, prompts, lens, rng))

@@ -49,6 +49,7 @@ from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, se
 from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, load_config
 from jaxsearch.train import distributed, sharding, trainer
 from jaxsearch.models import lora
+from jaxsearch.models.transformer import kv_cache_bytes
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.rl_update import (RLBatch, RLState, jit_rl_update, make_rl_update_fn,
                                        rl_flops_per_token)
@@ -298,6 +299,24 @@ def _restore_critic_at(ckpt: Checkpointer, step: int, state: TrainState) -> Trai
   return state.replace(**tree)
 
 
+def report_kv_cache(exp: Experiment, episodes: int, mesh, writer) -> int:
+  """Logs the rollout's KV-cache bytes (all episodes, and per device with the batch split over
+  the mesh's batch axes) beside the compile report; returns the total."""
+  r = exp.config.rollout
+  config = (exp.base_model or exp.model).config
+  total = kv_cache_bytes(config, episodes, r.max_len, r.cache_dtype or None)
+  shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) if mesh is not None else 1
+  line = (f"[rollout] KV cache: {total / 2**20:.1f} MiB for {episodes} episodes x {r.max_len} "
+          f"tokens ({r.cache_dtype or jnp.dtype(config.compute_dtype).name}), "
+          f"{total / shards / 2**20:.1f} MiB per device; engine {r.engine}, prefill chunk "
+          f"{r.prefill_chunk}")
+  logging.info("%s", line)
+  trainer.say(line)
+  writer.write_scalars(0, {"compile/rollout_kv_cache_bytes": total,
+                           "compile/rollout_kv_cache_bytes_per_device": total / shards})
+  return total
+
+
 def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_done, mesh):
   """RL from `ref_params`, which also serve as the frozen KL reference; returns final params.
 
@@ -347,6 +366,7 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
     stale = os.path.join(workdir, "eval_rl.json")
     if os.path.exists(stale):
       os.remove(stale)
+  report_kv_cache(exp, g.prompts_per_step * g.num_generations, mesh, writer)
   train_qs = exp.world.splits["train"]
   rng = jax.random.fold_in(jax.random.key(exp.config.seed), 3)
   group_ids = np.repeat(np.arange(g.prompts_per_step, dtype=np.int32), g.num_generations)
