@@ -1,9 +1,13 @@
 """The multi-turn search environment and its rollout, as one compiled program.
 
-A rollout samples `N` episodes at once. Every row starts at position 0 with its prompt and
-advances one token per step, so all rows share one KV-cache index. A row's next token is either
-*forced* (its prompt, or an environment response waiting in its queue) or *sampled* by the policy.
-The environment watches the policy's tokens:
+A rollout samples `N` episodes at once, each row from position 0 with its prompt. A row's next
+tokens are either *forced* (its prompt, or an environment response waiting in its queue) or
+*sampled* by the policy. The default engine ("chunked") feeds forced tokens to the model in
+chunks (one call writes up to `prefill_chunk` of them per row, each row at its own KV-cache
+slots and RoPE positions) and decodes only the policy's tokens one at a time; the reference
+engine ("token") advances every row one token per call. Sampling keys are (rollout key, row,
+position), so a row's episode does not depend on the engine or the other rows. The
+environment watches the policy's tokens:
 
 - `<search>` opens a query; the regular tokens that follow are the query (at most
   `max_query_tokens`; an overlong query is truncated, never an error);
@@ -581,7 +585,8 @@ def _token_engine(config: RolloutConfig, e: _Environment, decode_fn, init_cache_
 
 
 def _chunked_engine(config: RolloutConfig, e: _Environment, decode_fn, init_cache_fn):
-  T, C = config.max_len, config.prefill_chunk
+  T = config.max_len
+  C = min(config.prefill_chunk, T)        # a call never writes more than the cache holds
   env = e.env
 
   def rollout_fn(params, tool_state, corpus: TokenizedCorpus, prompts, prompt_lens, rng):
@@ -655,7 +660,7 @@ def _chunked_engine(config: RolloutConfig, e: _Environment, decode_fn, init_cach
       return {**s, **out}
 
     # The prompts, in one call of their padded width (it fixes the [N, V] logits' shape).
-    state = advance(state, p if p > 1 else 2)
+    state = advance(state, min(max(p, 2), T))
 
     def step(s):
       active = ~s["done"]
