@@ -5,7 +5,9 @@ sampler and transformers' `generate` produce the same greedy tokens from the sam
 `benchmarks/encoder.py`: the same MiniLM embeddings from both; `benchmarks/ann.py`: its rows,
 sweeps and the summary rule comparing ScaNN with exact search and faiss at equal recall;
 `benchmarks/train_step.py`: FLOPs and MFU arithmetic; `benchmarks/memory_table.py`: per-device
-bytes of the sharded GRPO step against a hand count of parameters, moments and reference.
+bytes of the sharded GRPO step against a hand count of parameters, moments and reference;
+`benchmarks/rollout_engines.py`: the chunked and token engines and a Search-R1 transformers loop
+write the same scripted episodes, the chunked engine in fewer sequential model calls.
 """
 from __future__ import annotations
 
@@ -472,6 +474,66 @@ class MemoryTableBenchmarkTest(absltest.TestCase):
                               stdin=subprocess.DEVNULL)
     self.assertEqual(rendered.returncode, 0, rendered.stderr[-2000:])
     self.assertEqual(rendered.stdout.count("\n| smoke |"), 2)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class RolloutEnginesBenchmarkTest(absltest.TestCase):
+  """`benchmarks/rollout_engines.py --smoke`: rows for the chunked engine (a), the token engine
+  (b), the Search-R1 transformers loop (c) and Tunix (d, skipped with a reason when it cannot be
+  installed), the same episodes from all, and arithmetic a reader can redo."""
+
+  def test_smoke_rows_identical_episodes_and_fewer_model_calls(self):
+    tmpdir = tempfile.mkdtemp()
+    out = os.path.join(tmpdir, "rollout_engines.json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "rollout_engines.py"), "--smoke",
+         "--json", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    result = json.loads(proc.stdout)
+    with open(out) as f:
+      self.assertEqual(json.load(f), result)
+    for key in ("device", "jax_version", "batch", "token_mix", "mean_episode_length",
+                "env_token_fraction", "ratios", "rows"):
+      self.assertIn(key, result)
+    self.assertEqual((result["batch"], result["repeats"], result["model"]), (4, 1, "tiny"))
+    # The episodes are exactly the scripted ones (prompt, actions, passages in place).
+    self.assertEqual(result["script_followed_fraction"], 1.0)
+    self.assertBetween(result["env_token_fraction"], 0.0, 1.0)
+    rows = {r["impl"]: r for r in result["rows"]}
+    self.assertEqual(list(rows), ["chunked", "token", "transformers_search_r1", "tunix"])
+    tunix = rows.pop("tunix")
+    if "skipped" in tunix:
+      self.assertIsInstance(tunix["skipped"], str)
+      self.assertNotEmpty(tunix["skipped"])
+    a, b, c = rows["chunked"], rows["token"], rows["transformers_search_r1"]
+    self.assertEqual(a["identical_to_chunked_fraction"], 1.0)
+    self.assertEqual(b["identical_to_chunked_fraction"], 1.0)
+    # The same weights and scripted actions through transformers give the same policy ids and
+    # the same episode text (its ids are re-tokenized each turn, so text is what is compared).
+    self.assertEqual(c["identical_to_chunked_fraction"], 1.0)
+    self.assertIn("text", c["identical_compares"])
+    self.assertLess(a["model_calls"], b["model_calls"])
+    self.assertGreater(a["chunk_calls"], 0)
+    self.assertEqual(b["chunk_calls"], 0)
+    self.assertEqual(a["tokens"], b["tokens"])
+    self.assertEqual(a["policy_tokens"], b["policy_tokens"])
+    self.assertEqual(c["policy_tokens"], a["policy_tokens"])
+    np.testing.assert_allclose(a["tokens"], 4 * result["mean_episode_length"], rtol=1e-9)
+    for r in rows.values():
+      self.assertLen(r["steady_all_s"], 1)
+      self.assertGreater(r["steady_s"], 0.0)
+      self.assertGreater(r["model_calls"], 0)
+      self.assertGreaterEqual(r["compile_s"], 0.0)
+      np.testing.assert_allclose(r["tokens_per_s"], r["tokens"] / r["steady_s"], rtol=1e-6)
+      np.testing.assert_allclose(r["policy_tokens_per_s"], r["policy_tokens"] / r["steady_s"],
+                                 rtol=1e-6)
+      np.testing.assert_allclose(r["episodes_per_s"], 4 / r["steady_s"], rtol=1e-6)
+    np.testing.assert_allclose(result["ratios"]["chunked_over_token_tokens_per_s"],
+                               a["tokens_per_s"] / b["tokens_per_s"], rtol=1e-6)
+    np.testing.assert_allclose(result["ratios"]["chunked_over_transformers_tokens_per_s"],
+                               a["tokens_per_s"] / c["tokens_per_s"], rtol=1e-6)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 
