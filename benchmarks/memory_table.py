@@ -72,6 +72,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -283,62 +284,61 @@ def _expand(row: dict, group: list[str]) -> list[dict]:
   return out
 
 
+def _configurations(models, meshes, modes, steps):
+  """(model, mode, step, mesh group) in table order; one compile per mesh group."""
+  groups = _program_groups(meshes)
+  return itertools.product(models, modes, steps, groups)
+
+
+def _report(new: list[dict]) -> list[dict]:
+  """Prints each new row's summary to stderr (progress) and returns the rows."""
+  for r in new:
+    print(json.dumps({k: r[k] for k in ("model", "mode", "step", "mesh", "total_gib",
+                                         "compile_s", "error")}), file=sys.stderr, flush=True)
+  return new
+
+
 def run_in_process(args, models, meshes, modes, steps) -> list[dict]:
   rows = []
-  for model in models:
-    for mode in modes:
-      for step in steps:
-        for group in _program_groups(meshes):
-          try:
-            row = compile_one(model, mode, step, group[0], batch=args.batch,
-                              micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)
-          except Exception as e:  # noqa: BLE001 (recorded in the row, the table goes on)
-            if args.strict:
-              raise
-            row = _failed_row(model, mode, step, group[0], args, f"{type(e).__name__}: {e}")
-          new = _expand(row, group)
-          rows += new
-          for r in new:
-            print(json.dumps({k: r[k] for k in ("model", "mode", "step", "mesh", "total_gib",
-                                                 "compile_s", "error")}),
-                  file=sys.stderr, flush=True)
+  for model, mode, step, group in _configurations(models, meshes, modes, steps):
+    try:
+      row = compile_one(model, mode, step, group[0], batch=args.batch,
+                        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)
+    except Exception as e:  # noqa: BLE001 (recorded in the row, the table goes on)
+      if args.strict:
+        raise
+      row = _failed_row(model, mode, step, group[0], args, f"{type(e).__name__}: {e}")
+    rows += _report(_expand(row, group))
   return rows
 
 
 def run_in_children(args, models, meshes, modes, steps) -> list[dict]:
   """One child process per configuration, killed after `args.timeout_s` seconds."""
   rows = []
-  for model in models:
-    for mode in modes:
-      for step in steps:
-        for group in _program_groups(meshes):
-          with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "row.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--meshes",
-                   ",".join(group), "--modes", mode, "--steps", step, "--batch",
-                   str(args.batch), "--micro_batch_size", str(args.micro_batch_size),
-                   "--seq_len", str(args.seq_len), "--json", out, "--timeout_s", "0"]
-            t0 = time.perf_counter()
-            try:
-              proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
-                                    stdin=subprocess.DEVNULL)
-              if proc.returncode == 0:
-                with open(out) as f:
-                  new = json.load(f)
-              else:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-                new = _expand(_failed_row(model, mode, step, group[0], args,
-                                          f"exit {proc.returncode}: {tail[0]}"), group)
-            except subprocess.TimeoutExpired:
-              new = _expand(_failed_row(
-                  model, mode, step, group[0], args,
-                  f"skipped: compiling took longer than {args.timeout_s:.0f} s on this CPU "
-                  f"(killed after {time.perf_counter() - t0:.0f} s)"), group)
-          rows += new
-          for r in new:
-            print(json.dumps({k: r[k] for k in ("model", "mode", "step", "mesh", "total_gib",
-                                                 "compile_s", "error")}),
-                  file=sys.stderr, flush=True)
+  for model, mode, step, group in _configurations(models, meshes, modes, steps):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "row.json")
+      cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--meshes",
+             ",".join(group), "--modes", mode, "--steps", step, "--batch",
+             str(args.batch), "--micro_batch_size", str(args.micro_batch_size),
+             "--seq_len", str(args.seq_len), "--json", out, "--timeout_s", "0"]
+      t0 = time.perf_counter()
+      try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode == 0:
+          with open(out) as f:
+            new = json.load(f)
+        else:
+          tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+          new = _expand(_failed_row(model, mode, step, group[0], args,
+                                    f"exit {proc.returncode}: {tail[0]}"), group)
+      except subprocess.TimeoutExpired:
+        new = _expand(_failed_row(
+            model, mode, step, group[0], args,
+            f"skipped: compiling took longer than {args.timeout_s:.0f} s on this CPU "
+            f"(killed after {time.perf_counter() - t0:.0f} s)"), group)
+    rows += _report(new)
   return rows
 
 
