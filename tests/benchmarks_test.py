@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 from absl.testing import absltest
+from tests.xla_env import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "rollout.py")
@@ -46,7 +47,7 @@ class RolloutBenchmarkTest(absltest.TestCase):
     super().setUpClass()
     cls.tmpdir = tempfile.mkdtemp()
     cls.json_path = os.path.join(cls.tmpdir, "rollout_smoke.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     cls.proc = subprocess.run(
         [sys.executable, SCRIPT, "--smoke", "--json", cls.json_path], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
@@ -126,7 +127,7 @@ class SamplerBenchmarkTest(absltest.TestCase):
   def test_smoke_rows_and_greedy_parity_with_transformers(self):
     tmpdir = tempfile.mkdtemp()
     out = os.path.join(tmpdir, "sampler.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "sampler.py"), "--smoke", "--json", out],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
@@ -148,7 +149,7 @@ class SamplerBenchmarkTest(absltest.TestCase):
 class EncoderBenchmarkTest(absltest.TestCase):
 
   def test_smoke_rows_and_embedding_parity_with_transformers(self):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "encoder.py"), "--smoke"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
@@ -191,7 +192,7 @@ class AnnBenchmarkSmokeTest(absltest.TestCase):
     cls.npz = os.path.join(cls.tmpdir, "emb.npz")
     np.savez(cls.npz, docs=unit(2500), queries=unit(40))
     cls.json_path = os.path.join(cls.tmpdir, "ann.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     cls.proc = subprocess.run(
         [sys.executable, ANN_SCRIPT, "--smoke", "--hnsw", "--data", "clustered", "embeddings",
          "--embeddings", cls.npz, "--embeddings_name", "test_npz", "--json", cls.json_path],
@@ -396,7 +397,7 @@ class TrainStepBenchmarkTest(absltest.TestCase):
   def test_smoke_rows_flops_and_mfu(self):
     tmpdir = tempfile.mkdtemp()
     out = os.path.join(tmpdir, "train_step.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), "--smoke", "--json",
          out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -435,7 +436,7 @@ class MemoryTableBenchmarkTest(absltest.TestCase):
   def test_smoke_rows_parameter_counts_and_lora_holds_less(self):
     tmpdir = tempfile.mkdtemp()
     out = os.path.join(tmpdir, "memory.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     script = os.path.join(REPO, "benchmarks", "memory_table.py")
     proc = subprocess.run(
         [sys.executable, script, "--smoke", "--steps", "grpo", "--json", out], cwd=REPO, env=env,
@@ -485,7 +486,7 @@ class RolloutEnginesBenchmarkTest(absltest.TestCase):
   def test_smoke_rows_identical_episodes_and_fewer_model_calls(self):
     tmpdir = tempfile.mkdtemp()
     out = os.path.join(tmpdir, "rollout_engines.json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "rollout_engines.py"), "--smoke",
          "--json", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,

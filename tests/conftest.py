@@ -1,5 +1,5 @@
-"""Test configuration: 8 fake CPU devices, set before jax is imported, and one compilation
-cache shared by every process of the run.
+"""Test configuration: 8 fake CPU devices and LLVM -O0 (tests/xla_env.py), set before jax is
+imported, and one compilation cache shared by every process of the run.
 
 The suite compiles the same small programs many times: the same tiny launcher config in a
 dozen subprocesses, the same notebook cells, the same update step in several test files. A
@@ -15,7 +15,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_env import xla_flags  # noqa: E402  (tests/ is on the path of its conftest)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -28,6 +28,7 @@ import nbformat
 import numpy as np
 import pytest
 from absl.testing import absltest, parameterized
+from tests.xla_env import subprocess_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO_ROOT, "notebooks")
@@ -43,7 +44,8 @@ EXECUTED_BY = {
     "generative_retrieval.ipynb": "GenerativeRetrievalNotebookTest",
 }
 # One CPU device: a kernel must not inherit conftest's 8 fake devices.
-BASE_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+BASE_ENV = {name: value for name, value in subprocess_env().items()
+            if name in ("JAX_PLATFORMS", "XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
 # The launcher smoke test's bindings (tests/integration/launcher_test.py), with a warm start
 # long enough (150 cheap SFT steps, no warm-up) for the tiny policy to issue real searches.
 TINY_BINDINGS = ";".join([

@@ -17,6 +17,7 @@ from experiments import run as launcher
 from jaxsearch.retrieval import corpus as corpus_lib
 from jaxsearch.train import sharding
 from tests.integration.launcher_test import REPO, TINY
+from tests.xla_env import subprocess_env
 
 
 def bad_corpus() -> str:
@@ -145,8 +146,7 @@ class MeshErrorTest(absltest.TestCase):
 
 
 def launch(*args, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
+  env = subprocess_env(devices)
   out = subprocess.run([sys.executable, "-m", "experiments.run",
                         f"--workdir={tempfile.mkdtemp()}", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)

@@ -26,6 +26,7 @@ from absl.testing import absltest
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.checkpoint import MANIFEST
 from tests.integration.launcher_test import REPO, TINY
+from tests.xla_env import subprocess_env
 
 RL_STEPS, SFT_STEPS, EVERY = 10, 9, 3
 CONFIG = [*TINY, f"SFT_STEPS = {SFT_STEPS}", f"RL_STEPS = {RL_STEPS}",
@@ -38,7 +39,7 @@ TIMING_KEYS = ("wall_seconds", "eval_seconds", "s_per_step", "rollout_s", "token
 def command(workdir: str) -> tuple[list[str], dict[str, str]]:
   cmd = [sys.executable, "-m", "experiments.run", "--gin_file=gin/experiments/quickstart.gin",
          f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in CONFIG)]
-  return cmd, dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  return cmd, subprocess_env()
 
 
 def run_to_end(workdir: str) -> subprocess.CompletedProcess:

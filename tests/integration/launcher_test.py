@@ -13,6 +13,7 @@ import pytest
 from absl.testing import absltest
 
 from jaxsearch import metrics as metrics_lib
+from tests.xla_env import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -54,8 +55,7 @@ def _command(workdir, extra, gin_files):
 
 
 def _env(devices, **extra):
-  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, TF_CPP_MIN_LOG_LEVEL="3")
+  env = subprocess_env(devices)
   for name in ("JAXSEARCH_COORDINATOR", "JAXSEARCH_NUM_PROCESSES", "JAXSEARCH_PROCESS_ID"):
     env.pop(name, None)
   env.update(extra)

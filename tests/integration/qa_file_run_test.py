@@ -16,6 +16,7 @@ import pytest
 from absl.testing import absltest
 
 from jaxsearch.data.world import WorldConfig, build_world
+from tests.xla_env import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -54,7 +55,7 @@ def launch(workdir: str, files: dict[str, str], *extra: str):
   bindings = [*TINY, *(f"{k} = '{v}'" for k, v in files.items()), "QA_VALIDATION = ''", *extra]
   cmd = [sys.executable, "-m", "experiments.run", "--gin_file=gin/experiments/qa_file.gin",
          f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in bindings)]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = subprocess_env()
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                         stdin=subprocess.DEVNULL)
 

@@ -27,6 +27,7 @@ from jaxsearch.programs.search_agent.experiment import RunConfig, setup
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, config_to_json
 from jaxsearch.types import Rollout
+from tests.xla_env import subprocess_env
 
 CONFIG = RunConfig(
     world=WorldConfig(num_people=60, num_distractors=20, train_size=100, validation_size=10,
@@ -226,7 +227,7 @@ class WorkdirAgentTest(absltest.TestCase):
   def test_command_line_with_piped_stdin(self):
     q = self.exp.world.splits["test"][1]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     out = subprocess.run(
         [sys.executable, "-m", "experiments.inspect_agent", f"--workdir={self.workdir}",
          "--interactive", "--passage_chars=40"],

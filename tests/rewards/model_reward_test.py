@@ -37,8 +37,9 @@ class ModelRewardTest(absltest.TestCase):
     cfg = TransformerConfig(vocab_size=512, d_model=32, num_layers=1, num_heads=2,
                             num_kv_heads=2, mlp_dim=64)
     cls.model = RewardModel(cfg, ValueHeadConfig(init_scale=1.0))
-    cls.params = nn.meta.unbox(cls.model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
-                                              jnp.ones([1], jnp.int32))["params"])
+    # Jitted: one compile instead of one per operation (the suite's time is compiling).
+    cls.params = nn.meta.unbox(jax.jit(cls.model.init)(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32), jnp.ones([1], jnp.int32))["params"])
 
   def _texts(self):
     """(prompt texts, completion texts) of the demonstrations, decoded as the loop does."""
@@ -68,9 +69,10 @@ class ModelRewardTest(absltest.TestCase):
     self.assertEqual(scores.shape, (len(self.questions),))
     self.assertEqual(scores.dtype, np.float32)
     # Each row alone, at exactly its length, through the model itself.
+    apply = jax.jit(self.model.apply)
     for i in (0, 5, len(self.questions) - 1):
       row = jnp.asarray(self.demo.tokens[i: i + 1, : self.lengths[i]])
-      alone = self.model.apply({"params": self.params}, row, jnp.asarray(self.lengths[i: i + 1]))
+      alone = apply({"params": self.params}, row, jnp.asarray(self.lengths[i: i + 1]))
       self.assertAlmostEqual(float(scores[i]), float(alone[0]), places=4)
     # Another batch size, garbage after each length, a reversed order: the same scores.
     noisy = np.where(np.arange(self.demo.tokens.shape[1])[None] < self.lengths[:, None],

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import numpy as np
+from tests.xla_env import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESHES = {"data8": (8, 1, 1), "fsdp4_tensor2": (1, 4, 2)}
@@ -154,9 +155,8 @@ if __name__ != "__main__" or "--worker" not in sys.argv:
       return s.getsockname()[1]
 
   def _launch(out: str, num_processes: int, process_id: int, port: int):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env(8 // num_processes,
+                         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
                  distributed.ENV_PROCESS_ID):
       env.pop(name, None)

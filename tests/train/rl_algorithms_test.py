@@ -29,6 +29,7 @@ from jaxsearch.train.steps import (CriticBatch, CriticConfig, PolicyGradientConf
                                    make_critic, make_critic_update_fn, make_gae_fn,
                                    outcome_token_rewards)
 from jaxsearch.programs.search_agent.workdir import config_to_json
+from tests.xla_env import subprocess_env
 
 V = 40
 CFG = TransformerConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -519,7 +520,7 @@ class CompareSmokeTest(absltest.TestCase):
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
     out = tempfile.mkdtemp()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.compare_algorithms", f"--out_dir={out}", "--smoke",
          "--algos=grpo,ppo"], cwd=compare.REPO_ROOT, env=env, capture_output=True, text=True,
