@@ -104,6 +104,11 @@ class TransformerConfig:
       `layers/block/...` with a leading `layers` axis of size L; see `stack_layer_params`).
     dtype: compute dtype name ("float32" | "bfloat16" | "float16").
     param_dtype: parameter dtype name.
+    logits_chunk: positions per output-head call in `token_scores` (the training steps'
+      log-probs and entropies): the head runs on `[B, logits_chunk, V]` at a time inside a
+      rematerialised scan, so neither the forward nor the backward pass holds `[B, T, V]`
+      float32 logits (7 GB at 64 x 512 tokens and a 49k vocabulary). 0: the whole sequence
+      at once. Results are the same either way.
   """
 
   vocab_size: int
@@ -128,6 +133,7 @@ class TransformerConfig:
   scan_layers: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  logits_chunk: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -167,6 +173,10 @@ class TransformerConfig:
           f"{self.rope_low_freq_factor!r}, {self.rope_high_freq_factor!r}")
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or (
+        self.logits_chunk < 0):
+      raise ValueError(f"logits_chunk must be an int >= 0 (0: no chunking), got "
+                       f"{self.logits_chunk!r}")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
     for name in ("dtype", "param_dtype"):
@@ -188,6 +198,35 @@ class TransformerConfig:
   def params_dtype(self) -> Any:
     """`param_dtype` as a jnp dtype."""
     return _DTYPES[self.param_dtype]
+
+
+class TokenScores(NamedTuple):
+  """What training needs of the next-token distributions, per position (`token_scores`)."""
+
+  logp: jax.Array      # [B, T] float32, log p(targets[b, t] | tokens[b, :t + 1])
+  entropy: jax.Array   # [B, T] float32, entropy of that distribution (nats)
+  top1: jax.Array      # [B, T] bool, targets[b, t] is its argmax
+
+
+def scores_from_logits(logits: jax.Array, targets: jax.Array) -> TokenScores:
+  """`TokenScores` of `logits [B, T, V]` (any float dtype, read in float32) for `targets`.
+
+  The same arithmetic as `jaxsearch.losses.token_logprobs` and `entropy_from_logits`.
+  """
+  logits = logits.astype(jnp.float32)
+  targets = targets.astype(jnp.int32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logp = picked - jax.nn.logsumexp(logits, axis=-1)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  probs = jnp.exp(log_probs)
+  entropy = -jnp.sum(probs * jnp.where(probs > 0, log_probs, 0.0), axis=-1)
+  return TokenScores(logp, entropy, jnp.argmax(logits, axis=-1) == targets)
+
+
+def _chunk_scores(module: "Transformer", carry, chunk):
+  """One `nn.scan` step of `Transformer.token_scores`: the head on one chunk of positions."""
+  x, targets = chunk                                            # [B, C, D], [B, C]
+  return carry, scores_from_logits(module._logits(x), targets)
 
 
 class KVCache(NamedTuple):
@@ -608,6 +647,41 @@ class Transformer(nn.Module):
     x, _ = self._hidden(tokens, *self._full_inputs(tokens, positions, attention_mask))
     logits = self._logits(x)
     return (logits, x) if return_hidden else logits
+
+  def token_scores(self, tokens, targets, *, positions=None, attention_mask=None
+                   ) -> TokenScores:
+    """Log-prob, entropy and argmax hit of `targets` under the next-token distributions.
+
+    `scores_from_logits(self(tokens), targets)`, computed `config.logits_chunk` positions at
+    a time when that is > 0: the output head and the softmax statistics run in an `nn.scan`
+    over chunks whose steps are rematerialised, so the backward pass recomputes each chunk's
+    `[B, C, V]` logits instead of keeping `[B, T, V]`. The last chunk is padded (and the
+    padding dropped).
+
+    Args:
+      tokens: [B, T] int32 inputs.
+      targets: [B, T] int token ids, `targets[:, t]` scored by position t (usually
+        `tokens` shifted by one).
+      positions, attention_mask: as in `__call__`.
+
+    Returns:
+      `TokenScores`, [B, T] each.
+    """
+    if targets.shape != tokens.shape:
+      raise ValueError(f"targets must have the shape of tokens {tokens.shape}, got "
+                       f"{targets.shape}")
+    x, _ = self._hidden(tokens, *self._full_inputs(tokens, positions, attention_mask))
+    b, t = tokens.shape
+    c = self.config.logits_chunk
+    if not c or c >= t:
+      return scores_from_logits(self._logits(x), targets)
+    k = -(-t // c)
+    x = jnp.pad(x, ((0, 0), (0, k * c - t), (0, 0))).reshape(b, k, c, -1).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, k * c - t))).reshape(b, k, c).swapaxes(0, 1)
+    scan = nn.scan(nn.remat(_chunk_scores, prevent_cse=False), variable_broadcast="params",
+                   split_rngs={"params": False}, in_axes=0, out_axes=0, length=k)
+    _, scores = scan(self, None, (x, targets))                    # [K, B, C] each
+    return TokenScores(*(v.swapaxes(0, 1).reshape(b, k * c)[:, :t] for v in scores))
 
   def hidden_states(self, tokens, *, positions=None, attention_mask=None):
     """Final-norm activations [B, T, D] in the compute dtype (no output head); see __call__."""

@@ -34,7 +34,7 @@ from flax import struct
 from jaxsearch.train import sharding
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (CriticBatch, CriticConfig, Metrics, PolicyGradientBatch,
-                                   PolicyGradientConfig, batch_statistics,
+                                   PolicyGradientConfig, ScoreFn, batch_statistics,
                                    make_critic_update_fn, make_gae_fn, make_policy_update_fn,
                                    outcome_advantages, sequence_logprobs)
 from jaxsearch.types import PyTree
@@ -63,6 +63,7 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                       value_apply_fn: Callable | None = None,
                       norm_length: int | float | None = None,
                       reference_params: Callable[[PyTree, PyTree], PyTree] | None = None,
+                      score_fn: ScoreFn | None = None,
                       ) -> Callable[..., tuple[RLState, Metrics]]:
   """The RL step of `config` as one pure function.
 
@@ -76,6 +77,9 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
       None: `rl_state.ref_params` is the whole frozen reference. LoRA keeps only the
       reference's adapters in the state and joins them with the policy's frozen base (one copy
       of the base weights).
+    score_fn: how the policy scores tokens (`steps.ScoreFn`, e.g. `Experiment.score_fn`
+      with chunked logits); None: from `apply_fn`'s logits. The behaviour and reference
+      log-prob passes run `config.micro_batch_size` rows at a time, as the updates.
 
   Returns:
     `update_fn(rl_state, batch: RLBatch, train_policy: bool = True) -> (rl_state, metrics)`;
@@ -84,8 +88,10 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
   if config.uses_critic and (critic is None or value_apply_fn is None):
     raise ValueError("PolicyGradientConfig.advantage='gae' (PPO) needs a critic config and a "
                      "value apply function")
-  policy_update = make_policy_update_fn(apply_fn, config, norm_length=norm_length)
-  logprobs = functools.partial(sequence_logprobs, apply_fn)
+  policy_update = make_policy_update_fn(apply_fn, config, norm_length=norm_length,
+                                       score_fn=score_fn)
+  logprobs = functools.partial(sequence_logprobs, apply_fn, score_fn=score_fn,
+                               micro_batch_size=config.micro_batch_size)
   if config.uses_critic:
     gae_fn = make_gae_fn(value_apply_fn, critic)
     critic_update = make_critic_update_fn(value_apply_fn, critic,

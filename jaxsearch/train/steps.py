@@ -52,12 +52,17 @@ from flax import linen as nn
 from jaxsearch import losses
 from jaxsearch.losses.policy import AGG_MODES, KL_KINDS, RATIO_LEVELS
 from jaxsearch.models.heads import ValueHead, ValueHeadConfig, ValueModel, load_trunk
-from jaxsearch.models.transformer import TransformerConfig
+from jaxsearch.models.transformer import TokenScores, TransformerConfig
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import PyTree, SequenceBatch
 
 Metrics = dict[str, jax.Array]
+# `score_fn(variables, tokens [N, T], targets [N, T]) -> TokenScores` ([N, T] log-probs,
+# entropies, argmax hits): what the training steps read of the policy. `logits_score_fn`
+# builds one from a logits `apply_fn`; a `Transformer`'s `token_scores` method (with
+# `TransformerConfig.logits_chunk`) is one that never holds `[N, T, V]` logits.
+ScoreFn = Callable[[PyTree, jax.Array, jax.Array], TokenScores]
 
 GAE = "gae"   # the critic-based (PPO) advantage; every other name is in `losses.ADVANTAGES`
 LLDS_PRESERVE = ("all", "nonnegative")
@@ -312,13 +317,44 @@ class CriticBatch(NamedTuple):
   returns: jax.Array       # [N, T] float32 lambda-returns (GAE targets)
 
 
-def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array) -> jax.Array:
+def logits_score_fn(apply_fn: Callable) -> ScoreFn:
+  """The `ScoreFn` of a logits `apply_fn(variables, tokens [N, T]) -> [N, T, V]`: the whole
+  batch's logits at once, read by `losses.token_logprobs` and `losses.entropy_from_logits`."""
+
+  def score_fn(variables, tokens, targets):
+    logits = apply_fn(variables, tokens)
+    return TokenScores(losses.token_logprobs(logits, targets),
+                       losses.entropy_from_logits(logits),
+                       jnp.argmax(logits, axis=-1) == targets)
+
+  return score_fn
+
+
+def map_micro_batches(fn: Callable[[PyTree], PyTree], batch: PyTree, micro_batch_size: int
+                      ) -> PyTree:
+  """`fn(batch)` computed `micro_batch_size` rows at a time (one `lax.map` over the strided
+  `micro_batches`), rows back in their order; `fn` must treat rows independently (a forward
+  pass). 0 (or >= N): one call."""
+  n = _rows(batch)
+  if not micro_batch_size or micro_batch_size >= n:
+    return fn(batch)
+  if n % micro_batch_size:
+    raise ValueError(f"micro_batch_size ({micro_batch_size}) must divide the batch's {n} rows")
+  out = jax.lax.map(fn, micro_batches(batch, n // micro_batch_size))   # [M, N / M, ...]
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(n, *x.shape[2:]), out)
+
+
+def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array, *,
+                      score_fn: ScoreFn | None = None, micro_batch_size: int = 0
+                      ) -> jax.Array:
   """Log-probability of each token given the ones before it.
 
   Args:
     apply_fn: `apply_fn({"params": params}, tokens [N, T]) -> logits [N, T, V]`.
     params: model parameters.
     tokens: [N, T] int32.
+    score_fn: how to score the tokens (`ScoreFn`); None: `logits_score_fn(apply_fn)`.
+    micro_batch_size: rows per forward pass (`map_micro_batches`); 0: all at once.
 
   Returns:
     [N, T] float32; column 0 (nothing predicts it) is 0.
@@ -326,8 +362,10 @@ def sequence_logprobs(apply_fn: Callable, params: PyTree, tokens: jax.Array) -> 
   Example:
     >>> logp = sequence_logprobs(apply_fn, params, tokens)   # [N, T]
   """
-  logits = apply_fn({"params": params}, tokens[:, :-1])
-  logp = losses.token_logprobs(logits, tokens[:, 1:])
+  score_fn = score_fn or logits_score_fn(apply_fn)
+  logp = map_micro_batches(
+      lambda t: score_fn({"params": params}, t[:, :-1], t[:, 1:]).logp, tokens,
+      micro_batch_size)
   return jnp.pad(logp, ((0, 0), (1, 0)))
 
 
@@ -520,21 +558,30 @@ def agg_shares(mask: jax.Array, agg: str) -> jax.Array:
 
 
 def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
+                       score_fn: ScoreFn | None = None,
                        ) -> Callable[[TrainState, SequenceBatch], tuple[TrainState, Metrics]]:
   """Teacher-forced cross-entropy on the tokens of `batch.loss_mask`.
+
+  The loss and metrics of `losses.cross_entropy_loss` ("nll", "token_accuracy"), read from
+  the policy's `TokenScores`.
 
   Args:
     apply_fn: `apply_fn({"params": params}, tokens) -> logits [N, T, V]`.
     micro_batch_size: rows per micro-batch (gradient accumulation, `accumulate_gradients`);
       0: the whole batch at once.
+    score_fn: how to score the tokens (`ScoreFn`); None: `logits_score_fn(apply_fn)`.
 
   Returns:
     `update_fn(state, batch: SequenceBatch) -> (state, metrics)`, pure.
   """
+  score_fn = score_fn or logits_score_fn(apply_fn)
 
   def loss_fn(params, batch: SequenceBatch):
-    logits = apply_fn({"params": params}, batch.tokens[:, :-1])
-    return losses.cross_entropy_loss(logits, batch.tokens[:, 1:], batch.loss_mask[:, 1:])
+    scores = score_fn({"params": params}, batch.tokens[:, :-1], batch.tokens[:, 1:])
+    mask = jnp.asarray(batch.loss_mask[:, 1:]).astype(bool)
+    loss = losses.masked_mean(-scores.logp, mask)
+    return loss, {"nll": jax.lax.stop_gradient(loss),
+                  "token_accuracy": losses.masked_mean(scores.top1.astype(jnp.float32), mask)}
 
   def update_fn(state: TrainState, batch: SequenceBatch):
     (loss, aux), grads = accumulate_gradients(
@@ -546,17 +593,19 @@ def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
 
 
 def make_policy_loss_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
-                        norm_length: int | float | None = None):
+                        norm_length: int | float | None = None,
+                        score_fn: ScoreFn | None = None):
   """The policy objective (module docstring) as a function of the parameters.
 
-  One forward pass gives the logits; the sampled tokens' log-probs and the entropy (the
-  telemetry, and the bonus when `entropy_coef > 0`) both come from them.
+  One forward pass gives the sampled tokens' log-probs and the entropy (the telemetry, and
+  the bonus when `entropy_coef > 0`), as the policy's `TokenScores`.
 
   Args:
     apply_fn: `apply_fn({"params": params}, tokens) -> logits [N, T, V]`.
     config: the algorithm.
     norm_length: divisor of agg="seq-mean-token-sum-norm" (None: the batch width T;
       `config.norm_length` wins when > 0).
+    score_fn: how to score the tokens (`ScoreFn`); None: `logits_score_fn(apply_fn)`.
 
   Returns:
     `loss_fn(params, batch: PolicyGradientBatch) -> (loss [], metrics)`, pure. Metrics:
@@ -565,19 +614,20 @@ def make_policy_loss_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
     policy tokens) and, with LLDS, "llds" and its `llds_*` diagnostics.
   """
   norm = config.norm_length or norm_length
+  score_fn = score_fn or logits_score_fn(apply_fn)
 
   def loss_fn(params, batch: PolicyGradientBatch):
     mask = jnp.asarray(batch.policy_mask, bool)
-    logits = apply_fn({"params": params}, batch.tokens[:, :-1])              # [N, T-1, V]
-    logp = jnp.pad(losses.token_logprobs(logits, batch.tokens[:, 1:]), ((0, 0), (1, 0)))
+    scores = score_fn({"params": params}, batch.tokens[:, :-1], batch.tokens[:, 1:])
+    logp = jnp.pad(scores.logp, ((0, 0), (1, 0)))                           # [N, T]
     loss, metrics = losses.grpo_loss(
         logp, batch.old_logp, batch.ref_logp, batch.advantages, mask,
         clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
         kl_kind=config.kl_kind, agg=config.agg, dual_clip=config.dual_clip,
         ratio_level=config.ratio_level, norm_length=norm, policy_loss=config.policy_loss)
     # Entropy of the distribution each policy token was drawn from (column t: given < t).
-    ent_logits = logits if config.entropy_coef else jax.lax.stop_gradient(logits)
-    entropy = jnp.pad(losses.entropy_from_logits(ent_logits), ((0, 0), (1, 0)))  # [N, T]
+    entropy = scores.entropy if config.entropy_coef else jax.lax.stop_gradient(scores.entropy)
+    entropy = jnp.pad(entropy, ((0, 0), (1, 0)))                              # [N, T]
     if config.entropy_coef:
       loss = loss - config.entropy_coef * losses.aggregate(entropy, mask, config.agg,
                                                            norm_length=norm)
@@ -604,9 +654,10 @@ def make_policy_loss_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
 
 def make_policy_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                           norm_length: int | float | None = None,
+                          score_fn: ScoreFn | None = None,
                           ) -> Callable[[TrainState, PolicyGradientBatch],
                                         tuple[TrainState, Metrics]]:
-  """One optimizer step on the policy objective (`make_policy_loss_fn`).
+  """One optimizer step on the policy objective (`make_policy_loss_fn`, same arguments).
 
   Returns:
     `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure; metrics add
@@ -615,7 +666,7 @@ def make_policy_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
   Example:
     >>> update = jax.jit(make_policy_update_fn(apply_fn, PolicyGradientConfig()), donate_argnums=0)
   """
-  loss_fn = make_policy_loss_fn(apply_fn, config, norm_length=norm_length)
+  loss_fn = make_policy_loss_fn(apply_fn, config, norm_length=norm_length, score_fn=score_fn)
 
   def update_fn(state: TrainState, batch: PolicyGradientBatch):
     (loss, aux), grads = accumulate_gradients(

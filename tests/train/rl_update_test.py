@@ -1,6 +1,7 @@
 """The one pure RL update (`rl_update.make_rl_update_fn`) against the same step done by hand
 with the pure loss functions; micro-batched gradients against full-batch ones; the reference
 and behaviour log-probs coming from the right parameters."""
+import dataclasses
 import functools
 
 import jax
@@ -21,10 +22,17 @@ V = 32
 CFG = TransformerConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
                         mlp_dim=32, max_len=16)
 MODEL = Transformer(CFG)
+# The same parameters scored 4 positions at a time (`TransformerConfig.logits_chunk`): the
+# steps read `TokenScores` from it without ever holding [N, T, V] logits.
+CHUNKED = Transformer(dataclasses.replace(CFG, logits_chunk=4))
 
 
 def apply_fn(variables, tokens):
   return MODEL.apply(variables, tokens)
+
+
+def chunked_score_fn(variables, tokens, targets):
+  return CHUNKED.apply(variables, tokens, targets, method=Transformer.token_scores)
 
 
 def init(seed):
@@ -92,14 +100,15 @@ class RLUpdateTest(parameterized.TestCase):
     np.testing.assert_allclose([m["ratio_min"], m["ratio_max"]], [1.0, 1.0], atol=1e-6)
     self.assertGreater(float(m["kl"]), 1e-3)
 
-  @parameterized.named_parameters(("full_batch", 0), ("micro_batches", 2))
-  def test_one_call_equals_the_step_by_hand(self, micro):
+  @parameterized.named_parameters(("full_batch", 0, None), ("micro_batches", 2, None),
+                                  ("chunked_logits_micro_batches", 2, chunked_score_fn))
+  def test_one_call_equals_the_step_by_hand(self, micro, score_fn):
     lr, clip, kl_coef = 0.5, 0.2, 0.05
     config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=kl_coef,
                                         clip_eps=clip, updates_per_batch=2,
                                         micro_batch_size=micro)
     b = batch(seed=3)
-    update = jit_rl_update(make_rl_update_fn(apply_fn, config), None)
+    update = jit_rl_update(make_rl_update_fn(apply_fn, config, score_fn=score_fn), None)
     out, m = update(RLState(policy=self.state(optax.sgd(lr)), critic=None,
                             ref_params=copy(self.ref)), b, True)
     out, m = jax.block_until_ready((out, m))
@@ -165,6 +174,42 @@ class MicroBatchTest(parameterized.TestCase):
     np.testing.assert_allclose(am["token_accuracy"], fm["token_accuracy"], rtol=1e-5)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
                  acc.params, full.params)
+
+  def test_sft_update_with_chunked_logits_is_cross_entropy(self):
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, V, (8, 11)), jnp.int32)   # 10 positions: chunks 4+4+2
+    mask = jnp.asarray(rng.random((8, 11)) < 0.6)
+    params = init(0)
+    loss, aux = losses.cross_entropy_loss(apply_fn({"params": params}, tokens[:, :-1]),
+                                          tokens[:, 1:], mask[:, 1:])
+    results = []
+    for score_fn, micro in ((None, 0), (chunked_score_fn, 2)):
+      state = TrainState.create(apply_fn=apply_fn, params=init(0), tx=optax.sgd(0.5))
+      update = steps.make_sft_update_fn(apply_fn, micro_batch_size=micro, score_fn=score_fn)
+      results.append(jax.jit(update)(state, SequenceBatch(tokens, mask)))
+    (plain, pm), (chunked, cm) = results
+    for m in (pm, cm):
+      np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+      np.testing.assert_allclose(m["token_accuracy"], aux["token_accuracy"], rtol=1e-6)
+    self.assertBetween(float(aux["token_accuracy"]), 0.0, 0.5)   # a random policy
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+                 chunked.params, plain.params)
+    self.assertFalse(np.allclose(chunked.params["embed"]["embedding"],
+                                 params["embed"]["embedding"]))
+
+  def test_micro_batched_logprobs_keep_the_row_order(self):
+    b = batch(n=8, seed=4)
+    params = init(0)
+    want = logp_of(params, b.tokens)
+    for micro in (2, 4):
+      got = steps.sequence_logprobs(apply_fn, params, b.tokens, micro_batch_size=micro,
+                                    score_fn=chunked_score_fn)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    rows = jnp.arange(12.0).reshape(6, 2)
+    np.testing.assert_array_equal(steps.map_micro_batches(lambda x: x * 2, rows, 3), rows * 2)
+    with self.assertRaisesRegex(ValueError, r"micro_batch_size \(4\) must divide the batch's "
+                                "6 rows"):
+      steps.map_micro_batches(lambda x: x, rows, 4)
 
   def test_bfloat16_parameters_accumulate_in_float32(self):
     # A bf16 model's micro-batch gradients are summed in float32 and handed back as bf16 (the

@@ -36,7 +36,7 @@ from jaxsearch.data.world import SPLITS, Document, World, WorldConfig, build_wor
 from jaxsearch.models import lora as lora_lib
 from jaxsearch.models.lora import LoraConfig
 from jaxsearch.models.pretrained import load_pretrained
-from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
+from jaxsearch.models.transformer import (TokenScores, Transformer, TransformerConfig, init_cache,
                                           make_decode_fn, stack_layer_params)
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.corpus import load_search_r1_corpus
@@ -248,7 +248,7 @@ class RunConfig:
       ignored with `pretrained`.
     model: the policy; its `vocab_size` is overridden by `tokenizer_vocab_size`. With
       `pretrained`, only its numerics and memory fields (dtype, param_dtype, remat,
-      scan_layers, max_len) are used; the sizes come from the checkpoint.
+      scan_layers, logits_chunk, max_len) are used; the sizes come from the checkpoint.
     pretrained: "" to train from scratch with a tokenizer trained on the world, or a
       `jaxsearch.models.pretrained.load_pretrained` spec (e.g. "smollm2-135m-instruct",
       "gguf:PATH", "hf:DIR" for a local Hugging Face Llama / Qwen2 / Qwen3 directory): the
@@ -420,6 +420,11 @@ class Experiment:
   def apply_fn(self, variables, tokens):
     return self.model.apply(variables, tokens)
 
+  def score_fn(self, variables, tokens, targets) -> TokenScores:
+    """The training steps' `steps.ScoreFn`: `Transformer.token_scores` (chunked over
+    positions with `TransformerConfig.logits_chunk`, so no `[N, T, V]` logits)."""
+    return self.model.apply(variables, tokens, targets, method="token_scores")
+
   def optimizer(self, config: OptimizerConfig, total_steps: int | None = None
                 ) -> optax.GradientTransformation:
     """The policy's optimizer: `make_optimizer`, on the adapters only with LoRA."""
@@ -490,6 +495,7 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
     model_config = dataclasses.replace(
         loaded_config, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         remat=config.model.remat, scan_layers=config.model.scan_layers,
+        logits_chunk=config.model.logits_chunk,
         max_len=max(config.model.max_len, config.rollout.max_len))
   else:
     if tokenizer is None:

@@ -240,7 +240,8 @@ def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done,
   lengths = np.sum(np.cumsum(data.tokens[:, ::-1] != exp.tokenizer.pad_id, 1) > 0, 1)
   bsh = sharding.batch_sharding(mesh)
   update = sharding.jit_sharded(
-      make_sft_update_fn(exp.apply_fn, micro_batch_size=cfg.micro_batch_size),
+      make_sft_update_fn(exp.apply_fn, micro_batch_size=cfg.micro_batch_size,
+                         score_fn=exp.score_fn),
       (state_sh, bsh), sharding.state_and_metrics_shardings(state_sh, mesh), donate_argnums=0)
   widest = jax.ShapeDtypeStruct((cfg.batch_size, data.tokens.shape[1]), data.tokens.dtype)
   trainer.compile_report("sft", update, writer, sharding.abstract_like(state),
@@ -359,7 +360,8 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
   update = jit_rl_update(make_rl_update_fn(
       exp.apply_fn, g, critic=cfg.critic if g.uses_critic else None,
       value_apply_fn=critic.apply_fn if g.uses_critic else None,
-      norm_length=exp.config.rollout.max_len, reference_params=reference_params),
+      norm_length=exp.config.rollout.max_len, reference_params=reference_params,
+      score_fn=exp.score_fn),
       mesh, state_sh)
   if start < cfg.steps and jax.process_index() == 0:
     # The final evaluation of an earlier, shorter run of this workdir no longer holds.
