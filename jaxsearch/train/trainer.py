@@ -177,9 +177,61 @@ def device_peak_flops(mesh) -> float | None:
   return per_device * count
 
 
-def compile_report(name: str, jitted, writer, *abstract_args) -> dict[str, Any]:
+class StepDoesNotFit(MemoryError):
+  """A training step's compiled program needs more memory than a device has."""
+
+
+ENV_DEVICE_MEMORY = "JAXSEARCH_DEVICE_MEMORY_BYTES"
+
+
+def device_memory_bytes() -> float | None:
+  """Memory one local device can hold: `$JAXSEARCH_DEVICE_MEMORY_BYTES` when set (e.g. to
+  leave room for another job), else the accelerator's `bytes_limit`, else on CPU the host's
+  available memory shared by its (possibly fake) devices. None where none is known."""
+  if os.environ.get(ENV_DEVICE_MEMORY):
+    return float(os.environ[ENV_DEVICE_MEMORY])
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001  (backends without memory statistics raise)
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  if device.platform != "cpu":
+    return None
+  try:
+    with open("/proc/meminfo") as f:
+      info = {line.split(":")[0]: line.split()[1] for line in f}
+    available = float(info["MemAvailable"]) * 1024
+  except (OSError, KeyError, IndexError, ValueError):
+    return None
+  return available / jax.local_device_count()
+
+
+def check_fits(name: str, report: Mapping[str, float], settings: Mapping[str, Any],
+               limit: float | None = None) -> None:
+  """Raises `StepDoesNotFit` when `report` (`sharding.compile_report`) asks for more than
+  `limit` bytes per device (default `device_memory_bytes()`; None: no check), naming
+  `settings` (gin binding -> current value), the ones to change."""
+  limit = device_memory_bytes() if limit is None else limit
+  need = report.get("total_bytes", -1.0)
+  if limit is None or need <= limit:
+    return
+  knobs = "; ".join(f"{k} (now {v!r})" for k, v in settings.items())
+  size = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+  raise StepDoesNotFit(
+      f"the {name} step needs {size(need)} per device (arguments "
+      f"{size(report['argument_bytes'])}, temporaries {size(report['temp_bytes'])}) but a "
+      f"device has {size(limit)}; no {name} step has run. Lower its memory with one of: "
+      f"{knobs}")
+
+
+def compile_report(name: str, jitted, writer, *abstract_args,
+                   settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Compiles a step ahead of time on abstract inputs; reports memory per device and FLOPs
-  on the console and to the writer (`compile/<name>_*`)."""
+  on the console and to the writer (`compile/<name>_*`). With `settings` (gin binding ->
+  value: what lowers the step's memory), a step that does not fit a device stops the run
+  here (`check_fits`). A later call of `jitted` on arguments like these reuses the program."""
   report = sharding.compile_report(jitted, *abstract_args)
   line = (f"[compile {name}] per device: {report['total_bytes'] / 2**20:.1f} MiB (arguments "
           f"{report['argument_bytes'] / 2**20:.1f}, temporaries "
@@ -188,6 +240,8 @@ def compile_report(name: str, jitted, writer, *abstract_args) -> dict[str, Any]:
   logging.info("%s", line)
   say(line)
   writer.write_scalars(0, {f"compile/{name}_{k}": v for k, v in report.items()})
+  if settings is not None:
+    check_fits(name, report, settings)
   return report
 
 

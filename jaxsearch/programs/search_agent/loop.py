@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -245,7 +245,8 @@ def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done,
       (state_sh, bsh), sharding.state_and_metrics_shardings(state_sh, mesh), donate_argnums=0)
   widest = jax.ShapeDtypeStruct((cfg.batch_size, data.tokens.shape[1]), data.tokens.dtype)
   trainer.compile_report("sft", update, writer, sharding.abstract_like(state),
-                         sharding.abstract_like(SequenceBatch(widest, widest), bsh))
+                         sharding.abstract_like(SequenceBatch(widest, widest), bsh),
+                         settings=memory_settings(exp, "sft"))
 
   def step_fn(state, step):
     idx = trainer.epoch_batch((exp.config.seed, 1), step, cfg.batch_size, data.tokens.shape[0])
@@ -318,6 +319,33 @@ def report_kv_cache(exp: Experiment, episodes: int, mesh, writer) -> int:
   return total
 
 
+def memory_settings(exp: Experiment, phase: str) -> dict[str, Any]:
+  """The gin bindings that lower the memory of the `phase` ("sft" | "rl") step, with their
+  values: what a `trainer.StepDoesNotFit` error names."""
+  model = (exp.base_model or exp.model).config
+  if phase == "sft":
+    rows = {"experiment.SFTConfig.micro_batch_size": exp.config.sft.micro_batch_size,
+            "experiment.SFTConfig.batch_size": exp.config.sft.batch_size}
+  else:
+    g = exp.config.rl.algorithm
+    rows = {"steps.PolicyGradientConfig.micro_batch_size": g.micro_batch_size,
+            "steps.PolicyGradientConfig.prompts_per_step": g.prompts_per_step,
+            "search_env.RolloutConfig.max_len": exp.config.rollout.max_len}
+  return {**rows, "transformer.TransformerConfig.logits_chunk": model.logits_chunk,
+          "transformer.TransformerConfig.remat": model.remat,
+          "experiment.RunConfig.lora": "@lora.LoraConfig()" if exp.config.lora else None}
+
+
+def rl_batch_shapes(exp: Experiment, mesh) -> RLBatch:
+  """Abstract `RLBatch` of the widest RL step (every episode `rollout.max_len` tokens)."""
+  g = exp.config.rl.algorithm
+  n, t = g.prompts_per_step * g.num_generations, exp.config.rollout.max_len
+  shapes = RLBatch(jax.ShapeDtypeStruct((n, t), jnp.int32), jax.ShapeDtypeStruct((n, t), bool),
+                   jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
+                   jax.ShapeDtypeStruct((n,), jnp.int32))
+  return sharding.abstract_like(shapes, sharding.batch_sharding(mesh))
+
+
 def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_done, mesh):
   """RL from `ref_params`, which also serve as the frozen KL reference; returns final params.
 
@@ -368,6 +396,11 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
     stale = os.path.join(workdir, "eval_rl.json")
     if os.path.exists(stale):
       os.remove(stale)
+  if start < cfg.steps:
+    # Before the first rollout: the widest update compiled, and a clear stop if it won't fit.
+    trainer.compile_report("rl", update, writer, sharding.abstract_like(state),
+                           rl_batch_shapes(exp, mesh), True,
+                           settings=memory_settings(exp, "rl"))
   report_kv_cache(exp, g.prompts_per_step * g.num_generations, mesh, writer)
   train_qs = exp.world.splits["train"]
   rng = jax.random.fold_in(jax.random.key(exp.config.seed), 3)
