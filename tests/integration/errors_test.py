@@ -197,5 +197,22 @@ class LauncherErrorTest(absltest.TestCase):
                   "cannot split evenly: make it a multiple of 8", err)
 
 
+  def test_a_step_that_will_not_fit_stops_before_any_rollout(self):
+    env = subprocess_env(JAXSEARCH_DEVICE_MEMORY_BYTES=str(1 << 20))    # pretend 1 MiB
+    out = subprocess.run([sys.executable, "-m", "experiments.run",
+                          f"--workdir={tempfile.mkdtemp()}",
+                          "--gin_file=gin/experiments/quickstart.gin",
+                          *(f"--gin_bindings={b}" for b in TINY), "--gin_bindings=SFT_STEPS = 0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)
+    self.assertNotEqual(out.returncode, 0)
+    self.assertIn("StepDoesNotFit: the rl step needs", out.stderr)
+    self.assertIn("but a device has 1.0 MiB; no rl step has run. Lower its memory with one of: "
+                  "steps.PolicyGradientConfig.micro_batch_size (now 0)", out.stderr)
+    self.assertIn("search_env.RolloutConfig.max_len (now 128)", out.stderr)
+    self.assertNotIn("[rollout]", out.stdout)
+    self.assertNotIn("[rl ", out.stdout)
+
+
 if __name__ == "__main__":
   absltest.main()

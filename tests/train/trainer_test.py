@@ -1,7 +1,9 @@
 """The trainer skeleton: cadence of logs, evaluations and checkpoints, resume, epoch batches."""
 import os
 import tempfile
+from unittest import mock
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
@@ -123,6 +125,34 @@ class EpochBatchTest(absltest.TestCase):
     f(), f()
     self.assertEqual(calls, [1])
     trainer.once(None)()   # a no-op
+
+
+class MemoryCheckTest(absltest.TestCase):
+
+  def test_a_step_that_does_not_fit_names_the_settings(self):
+    # A jitted step whose temporaries hold the [1024, 1024] float32 product x^T x (4 MiB).
+    step = jax.jit(lambda x: jnp.sum((x.T @ x) @ x.T))
+    x = jax.ShapeDtypeStruct((4, 1024), jnp.float32)
+    writer = FakeWriter()
+    report = trainer.compile_report("toy", step, writer, x)
+    self.assertGreater(report["temp_bytes"], 1 << 20)
+    self.assertEqual(writer.rows[0][1]["compile/toy_total_bytes"], report["total_bytes"])
+    settings = {"experiment.SFTConfig.micro_batch_size": 0,
+                "transformer.TransformerConfig.logits_chunk": 0}
+    trainer.check_fits("toy", report, settings, limit=report["total_bytes"])   # just fits
+    with self.assertRaisesRegex(
+        trainer.StepDoesNotFit,
+        r"the toy step needs [\d.]+ MiB per device \(arguments 0.0 MiB, temporaries [\d.]+ "
+        r"MiB\) but a device has [\d.]+ MiB; no toy step has run. Lower its memory with one "
+        r"of: experiment.SFTConfig.micro_batch_size \(now 0\); "
+        r"transformer.TransformerConfig.logits_chunk \(now 0\)"):
+      trainer.check_fits("toy", report, settings, limit=report["total_bytes"] - 1)
+    with mock.patch.dict(os.environ, {trainer.ENV_DEVICE_MEMORY: "1000"}):
+      self.assertEqual(trainer.device_memory_bytes(), 1000.0)
+      with self.assertRaises(trainer.StepDoesNotFit):
+        trainer.compile_report("toy", step, writer, x, settings=settings)
+    with mock.patch.dict(os.environ, {trainer.ENV_DEVICE_MEMORY: ""}):
+      self.assertGreater(trainer.device_memory_bytes(), 1 << 20)   # this host's memory
 
 
 if __name__ == "__main__":
