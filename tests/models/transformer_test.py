@@ -1,6 +1,7 @@
 """Tests for jaxsearch.models.transformer: cache parity, causality, a NumPy reference, axes."""
 from __future__ import annotations
 
+import functools
 import math
 
 from absl.testing import absltest
@@ -117,6 +118,13 @@ def _decode_fn(model):
 
 def _forward_fn(model):
   return jax.jit(lambda p, t: model.apply({"params": p}, t))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("method", "return_hidden"))
+def _apply(model, params, *args, **kwargs):
+  """`model.apply({"params": params}, ...)` as one compiled program (op by op, each operation
+  of the model would be its own compile: most of this file's time)."""
+  return model.apply({"params": params}, *args, **kwargs)
 
 
 class TransformerTest(parameterized.TestCase):
@@ -418,7 +426,7 @@ class PaddingRematScanTest(parameterized.TestCase):
                                                    attention_mask=m))(params, tokens, mask,
                                                                       positions)
     for i, r in enumerate(rows):
-      alone = model.apply({"params": params}, jnp.asarray(r)[None])[0]
+      alone = _apply(model, params, jnp.asarray(r)[None])[0]
       np.testing.assert_allclose(out[i, 8 - len(r):], alone, atol=1e-5, rtol=1e-5)
 
   def test_left_padded_cached_decode_equals_each_row_alone(self):
@@ -439,7 +447,7 @@ class PaddingRematScanTest(parameterized.TestCase):
       steps.append(step[:, 0])
     for i, r in enumerate(rows):
       full = np.concatenate([r, np.asarray(new[i, :3])])
-      alone = model.apply({"params": params}, jnp.asarray(full)[None])[0]
+      alone = _apply(model, params, jnp.asarray(full)[None])[0]
       got = np.stack([st[i] for st in steps])                         # positions len(r)-1 ...
       np.testing.assert_allclose(got, alone[len(r) - 1:], atol=1e-5, rtol=1e-5)
 
@@ -454,9 +462,9 @@ class PaddingRematScanTest(parameterized.TestCase):
     cfg = _config()
     model, params = _init_params(cfg)
     tokens = _tokens(cfg, 2, 6)
-    logits, hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    logits, hidden = _apply(model, params, tokens, return_hidden=True)
     np.testing.assert_allclose(hidden @ params["embed"]["embedding"].T, logits, atol=1e-5)
-    only = model.apply({"params": params}, tokens, method=Transformer.hidden_states)
+    only = _apply(model, params, tokens, method=Transformer.hidden_states)
     np.testing.assert_array_equal(only, hidden)
 
   @parameterized.parameters("full", "dots")
@@ -472,8 +480,8 @@ class PaddingRematScanTest(parameterized.TestCase):
     g_ref = jax.jit(jax.grad(loss(model)))(params)
     g = jax.jit(jax.grad(loss(remat)))(params)
     chex.assert_trees_all_close(g, g_ref, atol=1e-6, rtol=1e-5)
-    np.testing.assert_allclose(remat.apply({"params": params}, tokens),
-                               model.apply({"params": params}, tokens), atol=1e-6)
+    np.testing.assert_allclose(_apply(remat, params, tokens), _apply(model, params, tokens),
+                               atol=1e-6)
 
   @parameterized.named_parameters(("plain", "none"), ("remat", "full"))
   def test_scan_layers_equals_unrolled(self, remat):
@@ -489,16 +497,15 @@ class PaddingRematScanTest(parameterized.TestCase):
     self.assertEqual(tuple(names["kernel"]), ("layers", "embed", "heads", "head_dim"))
     chex.assert_trees_all_equal(tr.unstack_layer_params(stacked), params)
     tokens = _tokens(cfg, 2, 7)
-    ref = model.apply({"params": params}, tokens)
-    np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), ref, atol=1e-5)
+    ref = _apply(model, params, tokens)
+    np.testing.assert_allclose(_apply(scanned, stacked, tokens), ref, atol=1e-5)
     cache = init_cache(scan_cfg, 2, 9)
-    pre, cache = scanned.apply({"params": stacked}, tokens[:, :5], cache, 0,
-                               method=Transformer.decode)
-    step, cache = scanned.apply({"params": stacked}, tokens[:, 5:6], cache, 5,
-                                method=Transformer.decode)
+    pre, cache = _apply(scanned, stacked, tokens[:, :5], cache, 0, method=Transformer.decode)
+    step, cache = _apply(scanned, stacked, tokens[:, 5:6], cache, 5, method=Transformer.decode)
     np.testing.assert_allclose(pre, ref[:, :5], atol=1e-5)
     np.testing.assert_allclose(step[:, 0], ref[:, 5], atol=1e-5)
-    boxed = tr.stack_layer_params(Transformer(cfg).init(jax.random.key(0), tokens)["params"], 3)
+    boxed = tr.stack_layer_params(
+        jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)["params"], 3)
     self.assertEqual(boxed["layers"]["block"]["mlp"]["up_proj"]["kernel"].names,
                      ("layers", "embed", "mlp"))
 

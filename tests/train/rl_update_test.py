@@ -35,8 +35,14 @@ def chunked_score_fn(variables, tokens, targets):
   return CHUNKED.apply(variables, tokens, targets, method=Transformer.token_scores)
 
 
+@jax.jit
+def _init(key):
+  return nn.meta.unbox(MODEL.init(key, jnp.zeros((1, 4), jnp.int32))["params"])
+
+
 def init(seed):
-  return nn.meta.unbox(MODEL.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  # Jitted (here and below): op by op, every operation of the model is its own compile.
+  return _init(jax.random.key(seed))
 
 
 def batch(n=8, t=10, seed=0):
@@ -53,6 +59,7 @@ def batch(n=8, t=10, seed=0):
                  jnp.asarray(rng.integers(0, 3, n), jnp.int32))
 
 
+@jax.jit
 def logp_of(params, tokens):
   logits = apply_fn({"params": params}, tokens[:, :-1])
   return jnp.pad(losses.token_logprobs(logits, tokens[:, 1:]), ((0, 0), (1, 0)))
@@ -147,7 +154,7 @@ class MicroBatchTest(parameterized.TestCase):
     pg = steps.PolicyGradientBatch(b.tokens, b.policy_mask,
                                    losses.grpo_advantages(b.rewards, b.group_ids),
                                    logp_of(init(2), b.tokens), logp_of(init(1), b.tokens))
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, pg)
+    (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, pg)
     (mloss, maux), mgrads = jax.jit(functools.partial(
         steps.accumulate_gradients, loss_fn, micro_batch_size=micro,
         weights_fn=lambda mb: steps.agg_shares(mb.policy_mask, agg)))(params, pg)

@@ -25,13 +25,23 @@ CFG = TransformerConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, num
 MODEL = Transformer(CFG)
 
 
+@jax.jit
 def apply_fn(variables, tokens):
+  # Jitted, as every model call of this file: op by op, each operation is its own compile.
   return MODEL.apply(variables, tokens)
 
 
-def init_params(seed=0):
+@jax.jit
+def _init(key):
   from flax import linen as nn  # noqa: PLC0415
-  return nn.meta.unbox(MODEL.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+  return nn.meta.unbox(MODEL.init(key, jnp.zeros((1, 4), jnp.int32))["params"])
+
+
+def init_params(seed=0):
+  return _init(jax.random.key(seed))
+
+
+logprobs = jax.jit(lambda params, tokens: sequence_logprobs(apply_fn, params, tokens))
 
 
 def random_batch(seed, n=8, t=12):
@@ -62,7 +72,7 @@ class StepsTest(absltest.TestCase):
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch)[0]))(params)
 
     def reinforce(p):
-      logp = sequence_logprobs(apply_fn, p, tokens)
+      logp = logprobs(p, tokens)
       return -jnp.sum(adv[:, None] * logp * mask) / jnp.sum(mask)
 
     expected = jax.jit(jax.grad(reinforce))(params)
@@ -72,11 +82,11 @@ class StepsTest(absltest.TestCase):
   def test_kl_term_is_zero_at_the_reference_and_positive_away_from_it(self):
     params = init_params()
     tokens, mask, adv = random_batch(2)
-    ref = sequence_logprobs(apply_fn, params, tokens)
+    ref = logprobs(params, tokens)
     loss_fn = make_grpo_loss_fn(apply_fn, PolicyGradientConfig(kl_coef=0.5))
     _, at_ref = loss_fn(params, PolicyGradientBatch(tokens, mask, adv, None, ref))
     self.assertAlmostEqual(float(at_ref["kl"]), 0.0, places=6)
-    other = sequence_logprobs(apply_fn, init_params(seed=7), tokens)
+    other = logprobs(init_params(seed=7), tokens)
     _, away = loss_fn(params, PolicyGradientBatch(tokens, mask, adv, None, other))
     self.assertGreater(float(away["kl"]), 1e-3)
 
@@ -89,7 +99,7 @@ class StepsTest(absltest.TestCase):
     _, m1 = update(state, SequenceBatch(tokens, mask))
     _, m2 = update(state, SequenceBatch(tokens.at[:, 9:].set(5), mask))  # beyond the mask
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    logp = sequence_logprobs(apply_fn, params, tokens)
+    logp = logprobs(params, tokens)
     np.testing.assert_allclose(m1["loss"], -jnp.sum(logp * mask) / jnp.sum(mask), rtol=1e-5)
 
   def test_rollout_logprobs_equal_trainer_logprobs(self):
@@ -109,7 +119,7 @@ class StepsTest(absltest.TestCase):
     prompts = jnp.array([[1, 20, 21, 22]] * 6, jnp.int32)
     r = jax.jit(fn)(params, index, corpus, prompts, jnp.full((6,), 4, jnp.int32),
                     jax.random.key(5))
-    recomputed = sequence_logprobs(apply_fn, params, r.tokens)
+    recomputed = logprobs(params, r.tokens)
     self.assertGreater(int(r.policy_mask.sum()), 20)
     np.testing.assert_allclose(np.where(r.policy_mask, recomputed, 0.0), r.logp, atol=2e-4)
 
@@ -137,7 +147,7 @@ class StepsTest(absltest.TestCase):
     params = init_params()
     tokens, mask, _ = random_batch(6)
     adv = jnp.array([1.0, -1.0, 0.0, 2.0, -0.5, 1.0, -2.0, 0.5])
-    logp = sequence_logprobs(apply_fn, params, tokens)
+    logp = logprobs(params, tokens)
     old = logp + 0.1      # every policy token's log-prob fell by 0.1 since the behaviour policy
     base = PolicyGradientConfig(kl_coef=0.0, updates_per_batch=2)
     batch = PolicyGradientBatch(tokens, mask, adv, old, None)
@@ -156,21 +166,21 @@ class StepsTest(absltest.TestCase):
     params = init_params()
     tokens, mask, adv = random_batch(7)
     config = PolicyGradientConfig(kl_coef=0.1, agg="seq-mean-token-sum-norm")
-    ref = sequence_logprobs(apply_fn, init_params(seed=9), tokens)
+    ref = logprobs(init_params(seed=9), tokens)
     fn = jax.jit(make_policy_loss_fn(apply_fn, config, norm_length=40))
     loss, _ = fn(params, PolicyGradientBatch(tokens, mask, adv, None, ref))
     pad = lambda x, v: jnp.pad(x, ((0, 0), (0, 4)), constant_values=v)  # noqa: E731
     wide, _ = fn(params, PolicyGradientBatch(pad(tokens, 9), pad(mask, False), adv, None,
                                              pad(ref, 0.0)))
     np.testing.assert_allclose(wide, loss, rtol=1e-5)
-    logp = sequence_logprobs(apply_fn, params, tokens)
+    logp = logprobs(params, tokens)
     kl = jnp.exp(ref - logp) - (ref - logp) - 1
     np.testing.assert_allclose(loss, jnp.sum((-adv[:, None] + 0.1 * kl) * mask) / 40, rtol=1e-4)
 
   def test_data_parallel_update_matches_single_device(self):
     params = init_params()
     tokens, mask, adv = random_batch(4, n=16)
-    ref = sequence_logprobs(apply_fn, params, tokens)
+    ref = logprobs(params, tokens)
     batch = PolicyGradientBatch(tokens, mask, adv, None, ref)
     update = make_grpo_update_fn(apply_fn, PolicyGradientConfig(kl_coef=0.1))
     # Plain SGD: Adam's first step is ~lr * sign(g), which amplifies float reduction-order noise
