@@ -1,4 +1,4 @@
-"""BM25 over token ids as pure JAX: one dense matmul over a term-document matrix.
+"""BM25 over token ids as pure JAX: a sparse (posting-list) index, or a dense matrix.
 
 The in-graph search tool needs a retriever that lives inside the compiled rollout, so a
 whole multi-turn episode (generate -> `<search>` -> retrieve -> insert passages -> ...) is
@@ -6,13 +6,21 @@ one XLA program. This module scores documents with BM25 where the *terms are tok
 the policy's tokenizer*, not words: documents and queries are int32 token-id sequences, and
 some ids (pad, bos/eos, tags such as `<search>`) are ignored.
 
-The index is a dense `[V, M]` matrix holding the BM25 contribution of term `v` to document
-`m`; a query is a `[V]` bag of term counts; scores are `bags @ weights`. The formulas are
-those of `bm25s` (default method "lucene"), so scores match `bm25s.BM25(...).get_scores`
-to float32 rounding (see `tests/retrieval/bm25_test.py`).
+Two indexes, the same scores. The formulas are those of `bm25s` (default method "lucene"),
+so scores match `bm25s.BM25(...).get_scores` to float32 rounding (`tests/retrieval/
+bm25_test.py`).
 
-Memory: the index is dense, `4 * V * M` bytes (V=4096, M=10_000: 164 MB; a 150k-id vocab
-over 10_000 docs would need 6 GB). Remap ids to a compact vocabulary first if that matters.
+- Sparse (`build_sparse_bm25_index`, `sparse_bm25_search`; what the search agent uses): the
+  index holds each term's posting list (the documents containing it and the term's BM25
+  weight there) in CSR order, `8 * nnz` bytes for nnz (term, document) pairs, as bm25s's own
+  index. A query walks the posting lists of its tokens `posting_block` entries at a time
+  (gather, then scatter-add into `[Q, M]` scores) inside one `lax.fori_loop` whose trip count
+  is the batch's largest number of blocks: the work is the query terms' document frequencies,
+  not V x M. Built on the host with numpy.
+- Dense (`build_bm25_index`, `bm25_search`): a `[V, M]` matrix holding the BM25 contribution
+  of term `v` to document `m`; a query is a `[V]` bag of term counts; scores are
+  `bags @ weights`. `4 * V * M` bytes (SmolLM2's 49k ids over 24k passages: 4.7 GB), so only
+  for small vocabularies; jittable end to end, including the build.
 
 Example:
   >>> corpus = tokenize_corpus([[5, 6, 7], [5, 8], [9]], pad_id=0)
@@ -22,6 +30,8 @@ Example:
   >>> ids, scores = jax.jit(bm25_search, static_argnames="k")(index, bags, k=2)
   >>> ids
   Array([[1, 0]], dtype=int32)
+  >>> sparse = build_sparse_bm25_index(corpus, vocab_size=16, ignore_ids=(0,))
+  >>> ids, scores = sparse_bm25_search(sparse, q, q != 0, k=2, ignore_ids=(0,))   # the same
 """
 from __future__ import annotations
 
@@ -43,6 +53,23 @@ class TokenizedCorpus(NamedTuple):
 
   tokens: jax.Array   # [M, L] int32, each document's token ids, right-padded with pad_id
   lengths: jax.Array  # [M] int32, number of valid (non-pad) positions per document
+
+
+class SparseBM25Index(NamedTuple):
+  """BM25 posting lists in CSR order (term-major, documents ascending within a term).
+
+  `weights` hold each (term, document) pair's BM25 contribution minus the term's `absent`
+  contribution; `absent[v]` is what term v gives a document that lacks it (0 except for
+  "bm25l" / "bm25+", bm25s's non-occurrence score), so a document's score is
+  `sum_q absent[q] + sum_{q in doc} weights`. One padding entry (document 0, weight 0) ends
+  the lists so that an empty corpus still gathers in bounds.
+  """
+
+  starts: jax.Array    # [V + 1] int32, term v's postings are entries starts[v]:starts[v + 1]
+  docs: jax.Array      # [nnz + 1] int32, document of each posting
+  weights: jax.Array   # [nnz + 1] float32, BM25 weight of each posting (minus `absent`)
+  absent: jax.Array    # [V] float32, contribution of term v to a document without it
+  doc_len: jax.Array   # [M] float32, counted tokens per document (its shape gives M)
 
 
 class BM25Index(NamedTuple):
@@ -125,12 +152,15 @@ class BM25Config:
     delta: Lower bound added to the tf part by "bm25l" and "bm25+"; ignored by the others.
     method: A `BM25_METHODS` name: "lucene" (default, as bm25s), "robertson", "atire",
       "bm25l" or "bm25+". idf and tf variants always come from the same method.
+    posting_block: postings the sparse search reads per query per loop step (a speed knob:
+      rare terms waste part of a block, frequent ones take several).
   """
 
   k1: float = 1.5
   b: float = 0.75
   delta: float = 0.5
   method: str = "lucene"
+  posting_block: int = 256
 
   def __post_init__(self):
     _check_real("k1", self.k1, 0.0)
@@ -139,6 +169,13 @@ class BM25Config:
     if self.method not in BM25_METHODS:
       raise ValueError(
           f"unknown bm25 method {self.method!r}; expected one of {BM25_METHODS.names()}")
+    _check_block(self.posting_block)
+
+
+def _check_block(block: object) -> int:
+  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"posting_block must be an int >= 1, got {block!r}")
+  return int(block)
 
 
 def _check_vocab_size(vocab_size: object) -> int:
@@ -351,4 +388,133 @@ def bm25_search(index: BM25Index, bags: jax.Array, k: int, *,
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_docs:
     raise ValueError(f"k must be an int in [1, M={num_docs}], got {k!r}")
   scores, ids = jax.lax.top_k(bm25_scores(index, bags, precision=precision), int(k))
+  return ids.astype(jnp.int32), scores
+
+
+def build_sparse_bm25_index(corpus: TokenizedCorpus, vocab_size: int,
+                            config: BM25Config = BM25Config(), *,
+                            ignore_ids: Sequence[int] = ()) -> SparseBM25Index:
+  """Builds the BM25 posting lists of a corpus on the host (numpy; the weights in jnp float32
+  with the dense index's formulas, so both give the same scores).
+
+  Statistics and counted tokens as `build_bm25_index`. Memory: `8 * nnz` bytes for the
+  postings (nnz: distinct (term, document) pairs) plus `8 * V + 4 * M`.
+
+  Args:
+    corpus: `TokenizedCorpus` with tokens [M, L] int32 and lengths [M] int32.
+    vocab_size: V, number of token ids.
+    config: `BM25Config`.
+    ignore_ids: Token ids to skip (pad, bos/eos, tag tokens).
+
+  Returns:
+    `SparseBM25Index`.
+
+  Example:
+    >>> index = build_sparse_bm25_index(corpus, 49152, BM25Config(), ignore_ids=(0, 1, 2))
+  """
+  vocab_size = _check_vocab_size(vocab_size)
+  ignore_ids = _check_ignore_ids(ignore_ids)
+  if not isinstance(config, BM25Config):
+    raise ValueError(f"config must be a BM25Config, got {type(config).__name__}")
+  tokens = np.asarray(corpus.tokens)
+  lengths = np.asarray(corpus.lengths)
+  if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+    raise ValueError(
+        f"corpus must have tokens [M, L] and lengths [M], got {tokens.shape} and "
+        f"{lengths.shape}")
+  num_docs, max_len = tokens.shape
+  method = BM25_METHODS.get(config.method)
+  valid = ((np.arange(max_len)[None, :] < lengths[:, None]) & (tokens >= 0)
+           & (tokens < vocab_size))
+  if ignore_ids:
+    valid &= ~np.isin(tokens, ignore_ids)
+  doc_len = valid.sum(axis=1).astype(np.float32)                           # [M]
+  doc, pos = np.nonzero(valid)
+  pairs, tf = np.unique(tokens[doc, pos].astype(np.int64) * num_docs + doc, return_counts=True)
+  term, doc = pairs // num_docs, (pairs % num_docs).astype(np.int32)       # term-major order
+  df = np.bincount(term, minlength=vocab_size)                             # [V]
+  n = float(num_docs)
+  df_j = jnp.asarray(df, jnp.float32)
+  idf = jnp.where(df_j > 0, method.idf_fn(jnp.maximum(df_j, 1.0), n), 0.0)   # [V]
+  avg_len = float(doc_len.mean()) if num_docs else 0.0
+  rel_len = (jnp.asarray(doc_len) / jnp.float32(avg_len) if avg_len > 0
+             else jnp.ones((num_docs,), jnp.float32))                      # [M]
+  hp = (config.k1, config.b, config.delta)
+  absent = idf * method.tfc_fn(0.0, 1.0, *hp)                              # [V]
+  present = method.tfc_fn(jnp.asarray(tf, jnp.float32), rel_len[doc], *hp)
+  weights = idf[term] * present - absent[term]
+  starts = np.concatenate([[0], np.cumsum(df)]).astype(np.int32)
+  return SparseBM25Index(
+      starts=jnp.asarray(starts), docs=jnp.asarray(np.append(doc, 0).astype(np.int32)),
+      weights=jnp.concatenate([weights.astype(jnp.float32), jnp.zeros([1], jnp.float32)]),
+      absent=jnp.asarray(absent, jnp.float32), doc_len=jnp.asarray(doc_len))
+
+
+def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,
+                       *, ignore_ids: Sequence[int] = (), block: int = 256) -> jax.Array:
+  """BM25 scores of every document for token-id queries, from the posting lists (jittable).
+
+  Every counted query token (as `query_bag`: in the mask, in [0, V), not ignored; a repeated
+  token counts each time) adds its posting list to its query's row, `block` postings per
+  step of one `lax.fori_loop` over the batch's largest number of blocks.
+
+  Args:
+    index: `SparseBM25Index`.
+    query_tokens: [Q, L] int32 token ids.
+    query_mask: [Q, L] bool, True on the query's tokens.
+    ignore_ids: Ids never counted (static under jit).
+    block: postings read per query per step (static).
+
+  Returns:
+    [Q, M] float32 scores, equal to `bm25_scores` of the dense index (float32 rounding).
+  """
+  ignore_ids = _check_ignore_ids(ignore_ids)
+  block = _check_block(block)
+  query_tokens = jnp.asarray(query_tokens)
+  query_mask = jnp.asarray(query_mask, bool)
+  if query_tokens.ndim != 2 or query_mask.shape != query_tokens.shape:
+    raise ValueError(
+        f"query_tokens and query_mask must both be [Q, L], got {query_tokens.shape} and "
+        f"{query_mask.shape}")
+  vocab_size, num_docs = index.absent.shape[0], index.doc_len.shape[0]
+  num_queries, width = query_tokens.shape
+  valid = _valid_terms(query_tokens, query_mask, vocab_size, ignore_ids)   # [Q, L]
+  term = jnp.where(valid, query_tokens, 0)
+  lo = jnp.where(valid, index.starts[term], 0)                              # [Q, L]
+  hi = jnp.where(valid, index.starts[term + 1], 0)
+  ends = jnp.cumsum((hi - lo + block - 1) // block, axis=1)                # [Q, L] blocks
+  base = jnp.sum(jnp.where(valid, index.absent[term], 0.0), axis=1)        # [Q]
+  scores = jnp.broadcast_to(base[:, None], (num_queries, num_docs))
+  rows = jnp.arange(num_queries)[:, None]
+  last = index.docs.shape[0] - 1
+
+  def step(i, scores):
+    j = jnp.minimum(jnp.sum(ends <= i, axis=1), width - 1)                 # [Q] query token
+    first = jnp.where(j > 0, jnp.take_along_axis(ends, jnp.maximum(j - 1, 0)[:, None],
+                                                 axis=1)[:, 0], 0)
+    start = jnp.take_along_axis(lo, j[:, None], axis=1)[:, 0] + (i - first) * block
+    end = jnp.take_along_axis(hi, j[:, None], axis=1)[:, 0]
+    at = start[:, None] + jnp.arange(block)                                 # [Q, P]
+    live = (at < end[:, None]) & (i < ends[:, -1])[:, None]
+    at = jnp.clip(at, 0, last)
+    return scores.at[rows, index.docs[at]].add(jnp.where(live, index.weights[at], 0.0))
+
+  return jax.lax.fori_loop(0, jnp.max(ends[:, -1], initial=0), step, scores)
+
+
+def sparse_bm25_search(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,
+                       k: int, *, ignore_ids: Sequence[int] = (), block: int = 256,
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Top-k documents per token-id query (jittable with `k`, `ignore_ids`, `block` static);
+  order and ties as `bm25_search` (an empty query returns documents 0..k-1 at score 0).
+
+  Returns:
+    `(ids [Q, k] int32, scores [Q, k] float32)`, best first.
+  """
+  num_docs = index.doc_len.shape[0]
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_docs:
+    raise ValueError(f"k must be an int in [1, M={num_docs}], got {k!r}")
+  scores = sparse_bm25_scores(index, query_tokens, query_mask, ignore_ids=ignore_ids,
+                              block=block)
+  scores, ids = jax.lax.top_k(scores, int(k))
   return ids.astype(jnp.int32), scores

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 from jaxsearch.registry import Registry
 from jaxsearch.retrieval.http_tool import SearchClient, make_http_retrieve_fn
@@ -40,6 +40,7 @@ class SearchContext(NamedTuple):
   doc_ids: Sequence[str]         # the document id of each local corpus row
   top_k: int                     # documents per search
   special_ids: Sequence[int]     # ids that are never query terms (pad, tags)
+  bm25_posting_block: int = 256  # `BM25Config.posting_block` of the in-graph BM25
 
 
 @SEARCH_TOOLS.register("bm25")
@@ -48,9 +49,11 @@ class BM25Search:
   """In-graph BM25 over token ids (the index's parameters are `RunConfig.bm25`)."""
 
   kind: str = dataclasses.field(default="bm25", init=False)
+  uses_bm25_index: ClassVar[bool] = True   # `setup` builds the in-graph index for it only
 
   def build(self, context: SearchContext) -> RetrieveFn:
-    return make_bm25_retrieve_fn(context.vocab_size, context.top_k, context.special_ids)
+    return make_bm25_retrieve_fn(context.vocab_size, context.top_k, context.special_ids,
+                                 posting_block=context.bm25_posting_block)
 
 
 @SEARCH_TOOLS.register("http")

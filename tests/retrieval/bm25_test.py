@@ -31,6 +31,9 @@ def _jit_bag(tokens, mask, vocab_size, ignore_ids=()):
 
 _jit_scores = jax.jit(bm25.bm25_scores)
 _jit_search = jax.jit(bm25.bm25_search, static_argnames="k")
+_jit_sparse_scores = jax.jit(bm25.sparse_bm25_scores, static_argnames=("ignore_ids", "block"))
+_jit_sparse_search = jax.jit(bm25.sparse_bm25_search,
+                             static_argnames=("k", "ignore_ids", "block"))
 
 
 def _pad_queries(queries):
@@ -95,13 +98,21 @@ class BM25ParityTest(parameterized.TestCase):
     want = np.stack([ref.get_scores([f"t{t}" for t in _strip(q)]) for q in queries])
 
     config = bm25.BM25Config(method=method, k1=k1, b=b)
-    index = _jit_build(bm25.tokenize_corpus(docs, pad_id=PAD), VOCAB, config, IGNORE)
+    corpus = bm25.tokenize_corpus(docs, pad_id=PAD)
+    index = _jit_build(corpus, VOCAB, config, IGNORE)
     tokens, mask = _pad_queries(queries)
     got = np.asarray(_jit_scores(index, _jit_bag(tokens, mask, VOCAB, IGNORE)))
+    sparse = bm25.build_sparse_bm25_index(corpus, VOCAB, config, ignore_ids=IGNORE)
+    # Block 3 splits the frequent terms' posting lists over several loop steps.
+    got_sparse = [np.asarray(_jit_sparse_scores(sparse, tokens, mask, ignore_ids=IGNORE,
+                                                block=block)) for block in (3, 256)]
 
     chex.assert_shape(got, (len(queries), len(docs)))
     self.assertGreater(np.count_nonzero(want), 50)   # the comparison is not vacuous
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for scores in (got, *got_sparse):
+      np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+    # The index holds one posting per (term, document) pair: bm25s's non-zeros.
+    self.assertEqual(sparse.docs.shape[0] - 1, sum(len(set(_strip(d))) for d in docs))
 
   def test_topk_scores_match_bm25s_retrieve(self):
     rng = np.random.default_rng(1)
@@ -111,10 +122,76 @@ class BM25ParityTest(parameterized.TestCase):
     ref.index([[f"t{t}" for t in _strip(d)] for d in docs], show_progress=False)
     _, want = ref.retrieve([[f"t{t}" for t in _strip(q)] for q in queries], k=5,
                            show_progress=False, backend_selection="numpy")
-    index = _jit_build(bm25.tokenize_corpus(docs), VOCAB, bm25.BM25Config(), IGNORE)
+    corpus = bm25.tokenize_corpus(docs)
+    index = _jit_build(corpus, VOCAB, bm25.BM25Config(), IGNORE)
     tokens, mask = _pad_queries(queries)
-    _, got = _jit_search(index, _jit_bag(tokens, mask, VOCAB, IGNORE), k=5)
+    ids, got = _jit_search(index, _jit_bag(tokens, mask, VOCAB, IGNORE), k=5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    sparse = bm25.build_sparse_bm25_index(corpus, VOCAB, ignore_ids=IGNORE)
+    sparse_ids, sparse_got = _jit_sparse_search(sparse, tokens, mask, k=5, ignore_ids=IGNORE,
+                                                block=4)
+    np.testing.assert_allclose(sparse_got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(sparse_ids, ids)
+
+
+class SparseBM25Test(absltest.TestCase):
+  """The posting-list search against the dense one and by hand."""
+
+  def test_toy_corpus_by_hand(self):
+    # 3 docs over terms {5, 6, 7}; lucene idf = log(1 + (N - df + .5) / (df + .5)), tf part
+    # tf / (tf + k1 (1 - b + b len / avg)).
+    docs = [[5, 6, 6], [6, 7], [7, 7, 7, 5, 0]]           # 0 is ignored (and not counted)
+    index = bm25.build_sparse_bm25_index(bm25.tokenize_corpus(docs, pad_id=9), 10,
+                                         ignore_ids=(0,))
+    np.testing.assert_array_equal(index.starts, [0, 0, 0, 0, 0, 0, 2, 4, 6, 6, 6])
+    np.testing.assert_array_equal(index.docs[:-1], [0, 2, 0, 1, 1, 2])      # term-major
+    np.testing.assert_array_equal(index.doc_len, [3, 2, 4])
+    idf = lambda df: np.log(1 + (3 - df + 0.5) / (df + 0.5))
+    tfc = lambda tf, n: tf / (tf + 1.5 * (0.25 + 0.75 * n / 3.0))
+    want = idf(2) * tfc(2, 3) + idf(2) * tfc(1, 3)         # doc 0 for the query [6, 5]
+    scores = bm25.sparse_bm25_scores(index, jnp.array([[6, 5, 0]]), jnp.array([[1, 1, 1]], bool),
+                                     ignore_ids=(0,), block=1)
+    np.testing.assert_allclose(scores[0, 0], want, rtol=1e-6)
+    np.testing.assert_allclose(scores[0, 1], idf(2) * tfc(1, 2), rtol=1e-6)
+    np.testing.assert_allclose(scores[0, 2], idf(2) * tfc(1, 4), rtol=1e-6)
+
+  def test_equals_dense_search_on_a_zipf_corpus(self):
+    rng = np.random.default_rng(3)
+    docs = _random_corpus(rng, num_docs=300)
+    queries = _random_queries(rng, num_queries=40)
+    queries[5] = []                                       # empty: ids 0..k-1 at score 0
+    corpus = bm25.tokenize_corpus(docs)
+    tokens, mask = _pad_queries([q or [PAD] for q in queries])
+    mask[5] = False
+    for method in ("lucene", "bm25+"):
+      config = bm25.BM25Config(method=method)
+      dense_ids, dense_scores = _jit_search(_jit_build(corpus, VOCAB, config, IGNORE),
+                                            _jit_bag(tokens, mask, VOCAB, IGNORE), k=8)
+      sparse = bm25.build_sparse_bm25_index(corpus, VOCAB, config, ignore_ids=IGNORE)
+      self.assertGreater(int(sparse.starts[3 + 1] - sparse.starts[3]), 200)   # a long list
+      for block in (1, 16, 1024):
+        ids, scores = _jit_sparse_search(sparse, tokens, mask, k=8, ignore_ids=IGNORE,
+                                         block=block)
+        np.testing.assert_allclose(scores, dense_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ids, dense_ids, err_msg=f"{method} block {block}")
+      if method == "lucene":
+        np.testing.assert_array_equal(ids[5], np.arange(8))
+
+  def test_empty_corpus_and_errors(self):
+    index = bm25.build_sparse_bm25_index(bm25.tokenize_corpus([[0], [0, 0]]), 8,
+                                         ignore_ids=(0,))
+    self.assertEqual(index.docs.shape, (1,))                 # only the padding entry
+    ids, scores = bm25.sparse_bm25_search(index, jnp.array([[3, 4]]), jnp.ones((1, 2), bool), 2)
+    np.testing.assert_array_equal(ids, [[0, 1]])
+    np.testing.assert_array_equal(scores, [[0.0, 0.0]])
+    with self.assertRaisesRegex(ValueError, r"k must be an int in \[1, M=2\], got 3"):
+      bm25.sparse_bm25_search(index, jnp.array([[3]]), jnp.ones((1, 1), bool), 3)
+    with self.assertRaisesRegex(ValueError, "posting_block must be an int >= 1, got 0"):
+      bm25.sparse_bm25_scores(index, jnp.array([[3]]), jnp.ones((1, 1), bool), block=0)
+    with self.assertRaisesRegex(ValueError, "posting_block must be an int >= 1, got 0"):
+      bm25.BM25Config(posting_block=0)
+    with self.assertRaisesRegex(ValueError, r"query_tokens and query_mask must both be"):
+      bm25.sparse_bm25_scores(index, jnp.array([[3]]), jnp.ones((1,), bool))
 
 
 class BM25HandTest(absltest.TestCase):

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_cache,
                                           make_decode_fn)
-from jaxsearch.retrieval.bm25 import build_bm25_index, tokenize_corpus
+from jaxsearch.retrieval.bm25 import build_sparse_bm25_index, tokenize_corpus
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import EnvTokens, EpisodeStatus, RolloutConfig, make_rollout_fn
 from tests.rollout import scripted
@@ -103,7 +103,7 @@ def special_run(engine, *, scripts=None, temperature=0.0, mesh=None, chunk=8,
   model, cfg, params = _model(V)
   n = len(scripts) if scripts is not None else 8
   corpus = tokenize_corpus(DOCS, pad_id=PAD)
-  index = build_bm25_index(corpus, V, ignore_ids=ENV.special_ids)
+  index = build_sparse_bm25_index(corpus, V, ignore_ids=ENV.special_ids)
   config = RolloutConfig(max_len=120, max_searches=2, top_k=2, max_query_tokens=4,
                          temperature=temperature, engine=engine, prefill_chunk=chunk,
                          prefill_when=prefill_when)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxsearch.retrieval.bm25 import build_bm25_index, tokenize_corpus
+from jaxsearch.retrieval.bm25 import build_sparse_bm25_index, tokenize_corpus
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import (EnvTokens, EpisodeStatus, RolloutConfig,
                                           information_block, make_rollout_fn)
@@ -31,7 +31,7 @@ def run(scripts, **config):
   width = max(len(s) for s in scripts)
   scripts = [s + [EOS] * (width - len(s)) for s in scripts]
   corpus = tokenize_corpus(DOCS, pad_id=PAD)
-  index = build_bm25_index(corpus, V, ignore_ids=ENV.special_ids)
+  index = build_sparse_bm25_index(corpus, V, ignore_ids=ENV.special_ids)
   cfg = RolloutConfig(temperature=0.0, **{"max_len": 48, "top_k": 1, **config})
   decode_fn, init_cache_fn = scripted_policy(scripts)
   fn = make_rollout_fn(cfg, ENV, decode_fn, init_cache_fn,

@@ -9,7 +9,7 @@ from absl.testing import absltest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsearch.models.transformer import Transformer, TransformerConfig, init_cache, make_decode_fn
-from jaxsearch.retrieval.bm25 import build_bm25_index, tokenize_corpus
+from jaxsearch.retrieval.bm25 import build_sparse_bm25_index, tokenize_corpus
 from jaxsearch.retrieval.tool import make_bm25_retrieve_fn
 from jaxsearch.rollout.search_env import EnvTokens, RolloutConfig, make_rollout_fn
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
@@ -109,7 +109,7 @@ class StepsTest(absltest.TestCase):
                     answer_open=7, answer_close=8, special_ids=tuple(range(9)),
                     invalid_block=(5, 30, 6), budget_block=(5, 31, 6))
     corpus = tokenize_corpus([[10, 11, 12], [13, 14], [15, 10, 16]], pad_id=0)
-    index = build_bm25_index(corpus, V, ignore_ids=env.special_ids)
+    index = build_sparse_bm25_index(corpus, V, ignore_ids=env.special_ids)
     params = init_params(seed=3)
 
     decode_fn = make_decode_fn(MODEL)

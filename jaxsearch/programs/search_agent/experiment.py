@@ -512,12 +512,16 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
   model = (base_model if config.lora is None
            else lora_lib.lora_model(base_model, config.lora))
   env = EnvTokens.from_tokenizer(tokenizer, protocol)
-  tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab, bm25=config.bm25,
-                           ignore_ids=env.special_ids,
-                           max_passage_tokens=config.data.max_passage_tokens or None)
+  # The in-graph BM25 index only for the in-graph BM25 tool: host, HTTP and generative tools
+  # need the passages alone.
+  tool = build_search_tool([passage_text(d) for d in world.documents], tokenizer, vocab,
+                           bm25=config.bm25, ignore_ids=env.special_ids,
+                           max_passage_tokens=config.data.max_passage_tokens or None,
+                           index=getattr(config.search_tool, "uses_bm25_index", False))
   retrieve_fn = config.search_tool.build(SearchContext(
       tokenizer=tokenizer, vocab_size=vocab, doc_ids=[d.doc_id for d in world.documents],
-      top_k=config.rollout.top_k, special_ids=env.special_ids))
+      top_k=config.rollout.top_k, special_ids=env.special_ids,
+      bm25_posting_block=config.bm25.posting_block))
 
   decode_fn = make_decode_fn(model)
 
