@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxsearch import losses
 from jaxsearch.train import sharding
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (CriticBatch, CriticConfig, Metrics, PolicyGradientBatch,
@@ -121,12 +122,47 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
         ref = reference_params(policy.params, ref)
       ref_logp = logprobs(ref, batch.tokens) if config.kl_coef else None
       old_logp = logprobs(policy.params, batch.tokens) if config.needs_old_logp else None
+      before = old_logp
+      if config.track_likelihood and before is None:
+        before = logprobs(policy.params, batch.tokens)
       pg_batch = PolicyGradientBatch(batch.tokens, batch.policy_mask, adv, old_logp, ref_logp)
       policy, pm = repeat(policy_update, policy, pg_batch)
       metrics.update(jax.tree.map(lambda x: x[-1], pm))   # after the last update
+      if config.track_likelihood:
+        metrics.update(likelihood_change(before, logprobs(policy.params, batch.tokens),
+                                         batch.policy_mask, adv))
     return rl_state.replace(policy=policy, critic=critic_state), metrics
 
   return update_fn
+
+
+def likelihood_change(before: jax.Array, after: jax.Array, mask: jax.Array,
+                      advantages: jax.Array) -> Metrics:
+  """How an update moved the log-likelihood of the batch's own (sampled) tokens.
+
+  Args:
+    before, after: [N, T] log-probs of the tokens under the policy before / after the step.
+    mask: [N, T] bool, the policy's tokens.
+    advantages: [N] (per episode) or [N, T] (per token; an episode's sign is its mean's).
+
+  Returns:
+    "logp_change" (mean over policy tokens of after - before), "logp_change_pos" /
+    "logp_change_neg" (the same over episodes with advantage > 0 / < 0; 0 where none), and
+    "logp_before" (mean log-likelihood per policy token before the step). A step that lowers
+    the likelihood of the episodes it rewards (logp_change_pos < 0) displaces probability
+    mass to tokens the batch never wrote: the likelihood displacement that precedes
+    collapse in GRPO-style training.
+  """
+  mask = jnp.asarray(mask, bool)
+  delta = after - before
+  adv = jnp.asarray(advantages, jnp.float32)
+  if adv.ndim == 2:
+    adv = losses.masked_mean(adv, mask, axis=1)
+  pos, neg = mask & (adv > 0)[:, None], mask & (adv < 0)[:, None]
+  return {"logp_change": losses.masked_mean(delta, mask),
+          "logp_change_pos": losses.masked_mean(delta, pos),
+          "logp_change_neg": losses.masked_mean(delta, neg),
+          "logp_before": losses.masked_mean(before, mask)}
 
 
 def jit_rl_update(update_fn: Callable, mesh, state_shardings: RLState | None = None):
@@ -145,13 +181,15 @@ def rl_flops_per_token(config: PolicyGradientConfig, model_config: Any, width: i
   """Model FLOPs per episode token of one RL update plus the rollout that produced it.
 
   Forward passes: the rollout's decode, the reference and behaviour log-probs when the
-  loss needs them, PPO's value pass; forward + backward: each policy (and critic) update.
+  loss needs them, the log-probs after the step (`track_likelihood`), PPO's value pass; forward + backward: each policy (and critic) update.
   The critic is counted as the policy's size (same trunk). `width` is the padded length
   the attention term uses.
   """
   fwd = sharding.transformer_flops_per_token(model_config, width, backward=False)
   train = sharding.transformer_flops_per_token(model_config, width)
   forwards = 1 + (train_policy and bool(config.kl_coef)) + (train_policy and config.needs_old_logp)
+  if train_policy and config.track_likelihood:   # the log-probs after the step (and before)
+    forwards += 1 + (not config.needs_old_logp)
   updates = config.updates_per_batch if train_policy else 0
   if config.uses_critic:
     forwards += 1

@@ -108,6 +108,9 @@ class PolicyGradientConfig:
     micro_batch_size: rows per micro-batch of the update (0: the whole batch at once); the
       gradients of the micro-batches are accumulated into exactly the full-batch gradient
       (`accumulate_gradients`), so only the memory changes.
+    track_likelihood: measure how the step moved the log-likelihood of the batch's own
+      tokens (`rl_update.make_rl_update_fn`'s `logp_change*` metrics, one more forward pass):
+      the likelihood displacement that precedes collapse (`jaxsearch.train.health`).
   """
 
   prompts_per_step: int = 8
@@ -128,6 +131,7 @@ class PolicyGradientConfig:
   updates_per_batch: int = 1
   policy_loss: str = "ppo"
   micro_batch_size: int = 0
+  track_likelihood: bool = True
 
   def __post_init__(self):
     if self.num_generations < 2:

@@ -140,6 +140,13 @@ class RLUpdateTest(parameterized.TestCase):
                                  self.policy["embed"]["embedding"]))
     # The reference is untouched.
     jax.tree.map(np.testing.assert_array_equal, out.ref_params, self.ref)
+    # Health telemetry: how the step moved the likelihood of the batch's own tokens.
+    mask = np.asarray(b.policy_mask)
+    delta = np.asarray(logp_of(params, b.tokens) - old_logp)
+    np.testing.assert_allclose(m["logp_change"], delta[mask].mean(), rtol=1e-3, atol=1e-5)
+    pos = mask & (np.asarray(adv) > 0)[:, None]
+    np.testing.assert_allclose(m["logp_change_pos"], delta[pos].mean(), rtol=1e-3, atol=1e-5)
+    self.assertGreater(abs(float(m["logp_change"])), 1e-3)
 
 
 class MicroBatchTest(parameterized.TestCase):

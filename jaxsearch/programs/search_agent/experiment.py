@@ -47,6 +47,7 @@ from jaxsearch.retrieval.tool import SearchTool, build_search_tool
 from jaxsearch.rewards.combine import weighted_rewards
 from jaxsearch.rollout.search_env import (EnvTokens, RolloutConfig, block_width,
                                           information_block, make_rollout_fn)
+from jaxsearch.train.health import HealthConfig
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer, train_only
 from jaxsearch.train import sharding
 from jaxsearch.train.sharding import MeshConfig
@@ -213,6 +214,7 @@ class RLConfig:
     reward_weights: reward name -> weight (names from `jaxsearch.rewards.REWARDS`).
     init_from: "" or the workdir of another run whose tokenizer and finished SFT checkpoint
       this run starts from (copied in; SFT runs once for several RL runs, see `loop`).
+    health: thresholds of the collapse warnings (`jaxsearch.train.health`).
   """
 
   steps: int = 150
@@ -222,6 +224,7 @@ class RLConfig:
   reward_weights: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: {"exact_match": 1.0, "format": 0.1})
   init_from: str = dataclasses.field(default="", metadata={"path": True})
+  health: HealthConfig = HealthConfig()
 
   def __post_init__(self):
     if self.steps < 0:

@@ -50,6 +50,7 @@ from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, load_config
 from jaxsearch.train import distributed, sharding, trainer
 from jaxsearch.models import lora
 from jaxsearch.models.transformer import kv_cache_bytes
+from jaxsearch.train.health import HealthMonitor
 from jaxsearch.train.optim import make_optimizer
 from jaxsearch.train.rl_update import (RLBatch, RLState, jit_rl_update, make_rl_update_fn,
                                        rl_flops_per_token)
@@ -405,6 +406,7 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
   train_qs = exp.world.splits["train"]
   rng = jax.random.fold_in(jax.random.key(exp.config.seed), 3)
   group_ids = np.repeat(np.arange(g.prompts_per_step, dtype=np.int32), g.num_generations)
+  monitor = HealthMonitor(cfg.health)
 
   def step_fn(state: RLState, step: int):
     t0 = time.time()
@@ -431,6 +433,11 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
     m = metrics_lib.to_python(m)
     m.update(eval_lib.episode_metrics(scored, rows_qs, exp.world))
     m["rollout_s"] = t_rollout
+    warnings, scalars = monitor.update(step + 1, m)
+    m.update(scalars)
+    for line in warnings:
+      logging.warning("%s", line)
+      say(line)
     tokens = float(np.sum(r.lengths))
     flops = tokens * rl_flops_per_token(g, exp.model.config, width, train_policy=train_policy)
     return state, m, trainer.StepWork(tokens, flops)
