@@ -7,7 +7,9 @@ sweeps and the summary rule comparing ScaNN with exact search and faiss at equal
 `benchmarks/train_step.py`: FLOPs and MFU arithmetic; `benchmarks/memory_table.py`: per-device
 bytes of the sharded GRPO step against a hand count of parameters, moments and reference;
 `benchmarks/rollout_engines.py`: the chunked and token engines and a Search-R1 transformers loop
-write the same scripted episodes, the chunked engine in fewer sequential model calls.
+write the same scripted episodes, the chunked engine in fewer sequential model calls;
+`benchmarks/bm25_search.py`: the sparse in-graph BM25, bm25s and the dense index return the same
+top-3 scores on the same SmolLM2 token ids.
 """
 from __future__ import annotations
 
@@ -535,6 +537,70 @@ class RolloutEnginesBenchmarkTest(absltest.TestCase):
                                a["tokens_per_s"] / b["tokens_per_s"], rtol=1e-6)
     np.testing.assert_allclose(result["ratios"]["chunked_over_transformers_tokens_per_s"],
                                a["tokens_per_s"] / c["tokens_per_s"], rtol=1e-6)
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class BM25SearchBenchmarkTest(absltest.TestCase):
+  """`benchmarks/bm25_search.py --smoke`: a row per (size, system, block), the sparse search and
+  the dense index agreeing with bm25s, and ratios a reader can redo from the rows."""
+
+  def test_smoke_rows_agreement_with_bm25s_and_ratios(self):
+    tmpdir = tempfile.mkdtemp()
+    out = os.path.join(tmpdir, "bm25_search.json")
+    env = subprocess_env()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bm25_search.py"), "--smoke",
+         "--json", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    result = json.loads(proc.stdout)
+    with open(out) as f:
+      self.assertEqual(json.load(f), result)
+    for key in ("device", "jax_version", "bm25s_version", "vocab_size", "ignore_ids", "k",
+                "rows", "ratios"):
+      self.assertIn(key, result)
+    self.assertTrue(result["smoke"])
+    self.assertEqual((result["sizes"], result["num_queries"], result["repeats"],
+                      result["blocks"], result["k"]), ([200, 1000], 32, 1, [4096], 3))
+    self.assertEqual(result["vocab_size"], 49152)
+    rows = result["rows"]
+    self.assertEqual([(r["num_docs"], r["system"], r["block"]) for r in rows],
+                     [(m, s, b) for m in (200, 1000) for s, b in (
+                         ("jaxsearch_sparse", 256), ("bm25s", None), ("jaxsearch_dense", None))])
+    for r in rows:
+      self.assertEqual(r["num_queries"], 32)
+      self.assertGreater(r["mean_doc_tokens"], 0.0)
+      self.assertGreater(r["mean_query_tokens"], 0.0)
+      self.assertGreater(r["index_bytes"], 0)      # the dense index fits at these sizes
+      self.assertGreater(r["index_build_s"], 0.0)
+      self.assertGreater(r["qps"], 0.0)
+      self.assertLen(r["search_all_s"], 1)
+      np.testing.assert_allclose(r["qps"], 32 / r["search_s"], rtol=1e-6)
+      if r["system"] != "bm25s":
+        self.assertGreaterEqual(r["compile_s"], 0.0)
+        self.assertGreaterEqual(r["top3_set_equal_fraction"], 0.9, r)
+        self.assertTrue(r["scores_agree"], r)
+        self.assertLessEqual(r["max_rel_score_diff"], 1e-4)
+    for m in (200, 1000):
+      sparse, ref, dense = [r for r in rows if r["num_docs"] == m]
+      # One posting per (term, document) pair, as bm25s's non-zeros; 8 bytes each + 8 V + 4 M.
+      self.assertEqual(sparse["nnz"], ref["nnz"])
+      self.assertEqual(sparse["index_bytes"],
+                       8 * (sparse["nnz"] + 1) + 4 * (result["vocab_size"] + 1)
+                       + 4 * result["vocab_size"] + 4 * m)
+      self.assertEqual(dense["index_bytes"], 4 * result["vocab_size"] * m)
+      self.assertBetween(sparse["live_posting_fraction"], 0.0, 1.0)
+      self.assertGreater(sparse["loop_steps_per_batch"], 0.0)
+    self.assertEqual([x["num_docs"] for x in result["ratios"]], [200, 1000])
+    for x in result["ratios"]:
+      sparse, ref, dense = [r for r in rows if r["num_docs"] == x["num_docs"]]
+      self.assertEqual(x["sparse_best_block"], 4096)
+      np.testing.assert_allclose(x["sparse_over_bm25s_qps"], sparse["qps"] / ref["qps"],
+                                 rtol=1e-6)
+      np.testing.assert_allclose(x["sparse_over_bm25s_bytes"],
+                                 sparse["index_bytes"] / ref["index_bytes"], rtol=1e-6)
+      np.testing.assert_allclose(x["dense_over_bm25s_qps"], dense["qps"] / ref["qps"],
+                                 rtol=1e-6)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 

@@ -40,7 +40,7 @@ class SearchContext(NamedTuple):
   doc_ids: Sequence[str]         # the document id of each local corpus row
   top_k: int                     # documents per search
   special_ids: Sequence[int]     # ids that are never query terms (pad, tags)
-  bm25_posting_block: int = 256  # `BM25Config.posting_block` of the in-graph BM25
+  bm25_posting_block: int = 4096  # `BM25Config.posting_block` of the in-graph BM25
 
 
 @SEARCH_TOOLS.register("bm25")

@@ -17,6 +17,7 @@ from jaxsearch.generative.trie import build_trie, trie_depth
 from jaxsearch.losses.preference import dpo_loss
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.train.state import TrainState
+from tests import compiled
 
 LAYOUT = dsi.DSILayout(code_offset=40, num_codes=10, sep_id=2, pad_id=0)
 
@@ -125,7 +126,7 @@ class LogProbTest(absltest.TestCase):
     # staticmethod: a jitted function stored on the class would otherwise bind `self`.
     cls.logprob = staticmethod(jax.jit(dsi.make_sequence_logprob_fn(cls.model, LAYOUT)))
     cls.apply = staticmethod(jax.jit(
-        lambda p, t, m: cls.model.apply({"params": p}, t, attention_mask=m)))
+        lambda p, t, m: compiled.apply(cls.model, {"params": p}, t, attention_mask=m)))
     # Metrics are computed before the step's update, so one optimizer serves both DDRO tests.
     cls.ddro_update = staticmethod(jax.jit(dsi.make_ddro_update_fn(cls.model, LAYOUT,
                                                                     beta=0.4)))
@@ -137,7 +138,7 @@ class LogProbTest(absltest.TestCase):
     for i, inputs in enumerate(([5, 6, 7], [8], [9, 10])):
       target = self.targets[i][self.targets[i] >= 0]
       seq = list(inputs) + [LAYOUT.sep_id] + target.tolist()
-      logits = np.asarray(self.model.apply({"params": self.params},
+      logits = np.asarray(compiled.apply(self.model, {"params": self.params},
                                            jnp.asarray([seq], jnp.int32)))[0]
       total = 0.0
       for j, tok in enumerate(target):

@@ -15,6 +15,7 @@ from jaxsearch.generative import edit as edit_lib
 from jaxsearch.generative.docids import atomic_docids, docid_tokens
 from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.train.state import TrainState
+from tests import compiled
 
 
 def _model(vocab: int, d: int = 16, layers: int = 2, mlp: int = 32) -> Transformer:
@@ -203,8 +204,8 @@ class EditMechanicsTest(absltest.TestCase):
     # An input with old docID tokens gets the same logits for the old codes and END.
     model = _model(layout.vocab_size, layers=3)
     tokens = jnp.array([[5, 6, 2, 33]])
-    a = self.model.apply({"params": self.params}, tokens)[0]
-    b = model.apply({"params": params}, tokens)[0]
+    a = compiled.apply(self.model, {"params": self.params}, tokens)[0]
+    b = compiled.apply(model, {"params": params}, tokens)[0]
     np.testing.assert_allclose(b[:, :36], a[:, :36], atol=1e-5)
     np.testing.assert_allclose(b[:, 39], a[:, 36], atol=1e-5)
 

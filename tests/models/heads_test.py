@@ -12,6 +12,7 @@ from jaxsearch.losses.distributional import categorical_value, make_support
 from jaxsearch.models.heads import (PolicyWithValue, RewardModel, ValueHeadConfig, ValueModel,
                                     last_token_index, load_trunk)
 from jaxsearch.models.transformer import Transformer, TransformerConfig
+from tests import compiled
 
 CFG = TransformerConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                         mlp_dim=64, max_len=32)
@@ -24,7 +25,7 @@ def _tokens(b=3, t=10, seed=0):
 
 
 def _init(model, *args, seed=0):
-  boxed = model.init(jax.random.key(seed), *args)["params"]
+  boxed = compiled.init(model, jax.random.key(seed), *args)["params"]
   return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
@@ -36,7 +37,7 @@ def _with_bias(params, key, seed=1):
 
 
 def _hidden(trunk_params, tokens, config=CFG):
-  return Transformer(config).apply({"params": trunk_params}, tokens,
+  return compiled.apply(Transformer(config), {"params": trunk_params}, tokens,
                                    method=Transformer.hidden_states)
 
 
@@ -60,7 +61,7 @@ class ValueModelTest(parameterized.TestCase):
     model = ValueModel(CFG, CATEGORICAL)
     params, _ = _init(model, tokens)
     params = _with_bias(params, "value_head")
-    values, logits = model.apply({"params": params}, tokens, return_logits=True)
+    values, logits = compiled.apply(model, {"params": params}, tokens, return_logits=True)
     self.assertEqual(logits.shape, (3, 10, 7))
     h = np.asarray(_hidden(params["trunk"], tokens), np.float64)
     expected_logits = h @ np.asarray(params["value_head"]["kernel"], np.float64) + np.asarray(
@@ -79,10 +80,10 @@ class ValueModelTest(parameterized.TestCase):
     tokens = _tokens()
     params, _ = _init(ValueModel(CFG), tokens)
     np.testing.assert_array_equal(params["value_head"]["kernel"], 0.0)
-    np.testing.assert_array_equal(ValueModel(CFG).apply({"params": params}, tokens), 0.0)
+    np.testing.assert_array_equal(compiled.apply(ValueModel(CFG), {"params": params}, tokens), 0.0)
     head = ValueHeadConfig(num_bins=5, v_min=0.0, v_max=4.0)
     params, _ = _init(ValueModel(CFG, head), tokens)
-    np.testing.assert_allclose(ValueModel(CFG, head).apply({"params": params}, tokens), 2.0,
+    np.testing.assert_allclose(compiled.apply(ValueModel(CFG, head), {"params": params}, tokens), 2.0,
                                atol=1e-6)   # uniform over the bins: the mean center
     small, _ = _init(ValueModel(CFG, ValueHeadConfig(init_scale=0.01)), tokens)
     self.assertLess(float(jnp.std(small["value_head"]["kernel"])), 0.01)
@@ -104,8 +105,8 @@ class PolicyWithValueTest(parameterized.TestCase):
     model = PolicyWithValue(cfg, SCALAR)
     params, _ = _init(model, tokens)
     params = _with_bias(params, "value_head")
-    logits, values = model.apply({"params": params}, tokens)
-    plain = Transformer(cfg).apply({"params": params["policy"]}, tokens)
+    logits, values = compiled.apply(model, {"params": params}, tokens)
+    plain = compiled.apply(Transformer(cfg), {"params": params["policy"]}, tokens)
     np.testing.assert_array_equal(logits, plain)    # the same ops, run one by one
     jitted, _ = jax.jit(model.apply)({"params": params}, tokens)
     np.testing.assert_allclose(jitted, plain, atol=1e-5)
@@ -116,15 +117,15 @@ class PolicyWithValueTest(parameterized.TestCase):
     # A policy's own parameters initialise the sub-tree; decode goes to the policy.
     policy_params, _ = _init(Transformer(cfg), tokens, seed=5)
     loaded = load_trunk(params, policy_params, "policy")
-    logits2, _ = model.apply({"params": loaded}, tokens)
-    np.testing.assert_array_equal(logits2, Transformer(cfg).apply({"params": policy_params},
+    logits2, _ = compiled.apply(model, {"params": loaded}, tokens)
+    np.testing.assert_array_equal(logits2, compiled.apply(Transformer(cfg), {"params": policy_params},
                                                                   tokens))
 
   def test_categorical_returns_bin_logits(self):
     tokens = _tokens()
     model = PolicyWithValue(CFG, CATEGORICAL)
     params, _ = _init(model, tokens)
-    logits, values, bins = model.apply({"params": params}, tokens, return_logits=True)
+    logits, values, bins = compiled.apply(model, {"params": params}, tokens, return_logits=True)
     self.assertEqual((logits.shape, values.shape, bins.shape),
                      ((3, 10, 48), (3, 10), (3, 10, 7)))
     np.testing.assert_allclose(values, categorical_value(bins, CATEGORICAL.support()), atol=1e-6)
@@ -162,7 +163,7 @@ class RewardModelTest(parameterized.TestCase):
     self.assertNotAlmostEqual(float(moved[0]), float(base[0]), places=4)
     # A mask marking the same tokens gives the same rewards.
     mask = ~after
-    np.testing.assert_allclose(self.model.apply({"params": self.params}, tokens, mask=mask),
+    np.testing.assert_allclose(compiled.apply(self.model, {"params": self.params}, tokens, mask=mask),
                                base, atol=1e-6)
 
   def test_left_padding_with_mask_and_positions(self):
@@ -174,7 +175,7 @@ class RewardModelTest(parameterized.TestCase):
     left = jnp.take_along_axis(tokens, idx, axis=1)   # row i's tokens end at T-1
     mask = jnp.arange(t)[None, :] >= shift[:, None]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    got = self.model.apply({"params": self.params}, left, mask=mask, positions=positions,
+    got = compiled.apply(self.model, {"params": self.params}, left, mask=mask, positions=positions,
                            attention_mask=mask)
     np.testing.assert_allclose(got, right, atol=1e-5)
 
@@ -214,7 +215,7 @@ class RewardModelTest(parameterized.TestCase):
   def test_reward_head_axes_and_config_errors(self):
     self.assertEqual(tuple(self.specs["reward_head"]["kernel"]), ("embed", None))
     with self.assertRaisesRegex(ValueError, "needs a scalar head"):
-      RewardModel(CFG, CATEGORICAL).init(jax.random.key(0), _tokens(), jnp.array([1, 1, 1]))
+      compiled.init(RewardModel(CFG, CATEGORICAL), jax.random.key(0), _tokens(), jnp.array([1, 1, 1]))
     with self.assertRaisesRegex(ValueError, "num_bins must be 0 .* got 1"):
       ValueHeadConfig(num_bins=1)
     with self.assertRaisesRegex(ValueError, "v_min < v_max, got v_min=1.0, v_max=1.0"):

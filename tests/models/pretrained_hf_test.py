@@ -16,6 +16,7 @@ from jaxsearch.models.pretrained import load_pretrained
 from jaxsearch.models.transformer import Transformer
 from tests.data.hf_tokenizer_fixtures import write_tokenizer_dir
 from tests.models import hf_fixtures as fx
+from tests import compiled
 
 # architecture -> tokenizer style; the tables have spare rows past the tokenizer's ids
 # (as Qwen's 151,936 rows for 151,665 tokens), except Llama's, which the tags then grow.
@@ -42,7 +43,7 @@ class HFPolicyTest(parameterized.TestCase):
     self.assertEqual(config.vocab_size, CASES[name][1])
     self.assertLessEqual(tok.vocab_size, config.vocab_size)
     ids = fx.tokens(tok.vocab_size, length=12)
-    logits = Transformer(config).apply({"params": params}, jnp.asarray(ids))
+    logits = compiled.apply(Transformer(config), {"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(logits, fx.torch_logits(torch_model, ids), atol=1e-4, rtol=0)
     ref = transformers.AutoTokenizer.from_pretrained(path)
     want = ref.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
@@ -74,8 +75,8 @@ class HFPolicyTest(parameterized.TestCase):
                                  np.asarray(base["lm_head"]["kernel"])[:, :start].mean(1),
                                  rtol=1e-6, atol=1e-6)
     ids = jnp.asarray(fx.tokens(start, length=8))
-    a = Transformer(config).apply({"params": params}, ids)[..., :start]
-    b = Transformer(base_config).apply({"params": base}, ids)[..., :start]
+    a = compiled.apply(Transformer(config), {"params": params}, ids)[..., :start]
+    b = compiled.apply(Transformer(base_config), {"params": base}, ids)[..., :start]
     np.testing.assert_allclose(a, b, atol=1e-5)
 
   def test_bf16(self):

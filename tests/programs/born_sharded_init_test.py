@@ -1,5 +1,6 @@
 """The search agent's parameters are born sharded and equal the op-by-op init bit for bit."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from flax import linen as nn
@@ -24,6 +25,9 @@ class BornShardedInitTest(absltest.TestCase):
     exp = setup(config)
     rng = jax.random.fold_in(jax.random.key(3), 0)
     eager, specs = exp.init_params(rng)
+    # `init_params` is jitted with `EXACT_INIT_OPTIONS`: the same bits as op-by-op execution.
+    op_by_op = nn.meta.unbox(exp.model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    jax.tree.map(np.testing.assert_array_equal, eager, op_by_op)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
       born, born_specs = exp.init_sharded_params(rng, mesh)

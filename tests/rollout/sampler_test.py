@@ -13,17 +13,18 @@ from jaxsearch.models.transformer import (Transformer, TransformerConfig, init_c
                                           make_decode_fn)
 from jaxsearch.rollout import sampler as sampler_lib
 from jaxsearch.rollout.sampling import sample_logits
+from tests import compiled
 
 CFG = TransformerConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                         mlp_dim=64, max_len=64)
 MODEL = Transformer(CFG)
-PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+PARAMS = compiled.init(MODEL, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
 # Larger weights make the random model's distributions peaked enough to exercise stops.
 PARAMS = jax.tree.map(lambda x: x * 3.0, PARAMS)
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 6], [11]]
 
 
-_APPLY = jax.jit(lambda tokens: MODEL.apply({"params": PARAMS}, tokens))
+_APPLY = jax.jit(lambda tokens: compiled.apply(MODEL, {"params": PARAMS}, tokens))
 
 
 def _forward(tokens):

@@ -21,6 +21,7 @@ from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import make_sft_update_fn
 from jaxsearch.types import SequenceBatch
+from tests import compiled
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4,
                         mlp_dim=64)
@@ -28,7 +29,7 @@ MODEL = Transformer(CFG)
 
 
 def apply_fn(variables, tokens):
-  return MODEL.apply(variables, tokens)
+  return compiled.apply(MODEL, variables, tokens)
 
 
 class MeshTest(parameterized.TestCase):
@@ -63,7 +64,7 @@ class MeshTest(parameterized.TestCase):
   def _check_sharded_update_matches_single_device(self, data, fsdp, tensor):
     tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, 64)
     mask = jax.random.bernoulli(jax.random.key(2), 0.7, (8, 12))
-    boxed = MODEL.init(jax.random.key(0), tokens)["params"]
+    boxed = compiled.init(MODEL, jax.random.key(0), tokens)["params"]
     params, specs = nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
     update = make_sft_update_fn(apply_fn)
     tx = optax.sgd(0.5)
@@ -91,7 +92,7 @@ TX = make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.1))   # c
 
 def init_fn(rng):
   """A TrainState from boxed parameters; the init batch of 8 rows splits over any mesh."""
-  params = MODEL.init(rng, jnp.zeros((8, 12), jnp.int32))["params"]
+  params = compiled.init(MODEL, rng, jnp.zeros((8, 12), jnp.int32))["params"]
   return TrainState.create(apply_fn=apply_fn, params=params, tx=TX)
 
 
@@ -108,7 +109,7 @@ class ShardedInitTest(absltest.TestCase):
     cls.state, cls.shardings = sharding.sharded_init(init_fn, jax.random.key(0), cls.mesh)
 
   def test_values_equal_unsharded_init(self):
-    boxed = MODEL.init(jax.random.key(0), jnp.zeros((8, 12), jnp.int32))["params"]
+    boxed = compiled.init(MODEL, jax.random.key(0), jnp.zeros((8, 12), jnp.int32))["params"]
     reference = nn.meta.unbox(boxed)
     for path, a in jax.tree_util.tree_leaves_with_path(reference):
       b = dict(jax.tree_util.tree_leaves_with_path(self.state.params))[path]
@@ -133,7 +134,7 @@ class ShardedInitTest(absltest.TestCase):
     self.assertTrue(adam.count.sharding.is_fully_replicated)
 
   def test_sharded_train_state_matches(self):
-    boxed = MODEL.init(jax.random.key(0), jnp.zeros((8, 12), jnp.int32))["params"]
+    boxed = compiled.init(MODEL, jax.random.key(0), jnp.zeros((8, 12), jnp.int32))["params"]
     state, shardings = sharding.sharded_train_state(
         nn.meta.unbox(boxed), nn.get_partition_spec(boxed), apply_fn=apply_fn, tx=TX,
         mesh=self.mesh)
@@ -246,8 +247,8 @@ class FlopsTest(parameterized.TestCase):
     model, t = Transformer(cfg), 64
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, t), jnp.int32))
     tokens = jax.ShapeDtypeStruct((4, t), jnp.int32)
-    fwd = jax.jit(lambda p, x: model.apply(p, x))
-    grad = jax.jit(jax.grad(lambda p, x: model.apply(p, x).sum()))
+    fwd = jax.jit(lambda p, x: compiled.apply(model, p, x))
+    grad = jax.jit(jax.grad(lambda p, x: compiled.apply(model, p, x).sum()))
     for fn, backward in ((fwd, False), (grad, True)):
       xla = sharding.compile_report(fn, params, tokens)["flops_per_device"] / (4 * t)
       ours = sharding.transformer_flops_per_token(cfg, t, backward=backward)
@@ -304,7 +305,7 @@ class FlopsTest(parameterized.TestCase):
                             num_kv_heads=2, mlp_dim=384, max_len=256)
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (32, 128), 3, cfg.vocab_size)
-    params = model.init(jax.random.key(1), tokens[:, :-1])["params"]
+    params = compiled.init(model, jax.random.key(1), tokens[:, :-1])["params"]
     state = TrainState.create(apply_fn=model.apply, params=params,
                               tx=make_optimizer(OptimizerConfig(), 10))
     update = jax.jit(make_sft_update_fn(model.apply))

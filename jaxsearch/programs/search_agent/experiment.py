@@ -384,7 +384,10 @@ class Experiment:
       params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract)
       return params, nn.get_partition_spec(boxed)
     with self._init_context():
-      boxed = self.model.init(rng, tokens)["params"]
+      # One compiled program (op by op, every initialiser is its own compile), rounding as
+      # op-by-op execution does (`sharding.EXACT_INIT_OPTIONS`).
+      init = jax.jit(lambda key: self.model.init(key, tokens)["params"])
+      boxed = init.lower(rng).compile(compiler_options=sharding.EXACT_INIT_OPTIONS)(rng)
       return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
   def _init_context(self):
