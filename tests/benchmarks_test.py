@@ -561,7 +561,7 @@ class BM25SearchBenchmarkTest(absltest.TestCase):
       self.assertIn(key, result)
     self.assertTrue(result["smoke"])
     self.assertEqual((result["sizes"], result["num_queries"], result["repeats"],
-                      result["blocks"], result["k"]), ([200, 1000], 32, 1, [4096], 3))
+                      result["blocks"], result["k"]), ([200, 1000], 32, 1, [1024], 3))
     self.assertEqual(result["vocab_size"], 49152)
     rows = result["rows"]
     self.assertEqual([(r["num_docs"], r["system"], r["block"]) for r in rows],
@@ -594,7 +594,7 @@ class BM25SearchBenchmarkTest(absltest.TestCase):
     self.assertEqual([x["num_docs"] for x in result["ratios"]], [200, 1000])
     for x in result["ratios"]:
       sparse, ref, dense = [r for r in rows if r["num_docs"] == x["num_docs"]]
-      self.assertEqual(x["sparse_best_block"], 4096)
+      self.assertEqual(x["sparse_best_block"], 1024)
       np.testing.assert_allclose(x["sparse_over_bm25s_qps"], sparse["qps"] / ref["qps"],
                                  rtol=1e-6)
       np.testing.assert_allclose(x["sparse_over_bm25s_bytes"],

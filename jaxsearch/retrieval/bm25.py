@@ -13,10 +13,10 @@ bm25_test.py`).
 - Sparse (`build_sparse_bm25_index`, `sparse_bm25_search`; what the search agent uses): the
   index holds each term's posting list (the documents containing it and the term's BM25
   weight there) in CSR order, `8 * nnz` bytes for nnz (term, document) pairs, as bm25s's own
-  index. A batch of queries lays the posting lists of its tokens end to end and reads them
-  `posting_block` entries at a time (gather, then scatter-add into `[Q, M]` scores) inside one
-  `lax.fori_loop`: the work is the query terms' document frequencies, not V x M. Built on the
-  host with numpy.
+  index. Each query lays the posting lists of its tokens end to end and reads them
+  `posting_block` entries at a time (gather, then scatter-add into its `[M]` scores) in a
+  `lax.fori_loop`, queries one after the other (`lax.map`): the work is the query terms'
+  document frequencies, not V x M. Built on the host with numpy.
 - Dense (`build_bm25_index`, `bm25_search`): a `[V, M]` matrix holding the BM25 contribution
   of term `v` to document `m`; a query is a `[V]` bag of term counts; scores are
   `bags @ weights`. `4 * V * M` bytes (SmolLM2's 49k ids over 24k passages: 4.7 GB), so only
@@ -152,8 +152,8 @@ class BM25Config:
     delta: Lower bound added to the tf part by "bm25l" and "bm25+"; ignored by the others.
     method: A `BM25_METHODS` name: "lucene" (default, as bm25s), "robertson", "atire",
       "bm25l" or "bm25+". idf and tf variants always come from the same method.
-    posting_block: postings the sparse search reads per loop step, for the whole batch of
-      queries (a speed knob: fewer, larger steps against the padding of the last one).
+    posting_block: postings the sparse search reads per loop step of one query (a speed
+      knob: fewer, larger steps against the padding of a query's last one).
   """
 
   k1: float = 1.5
@@ -455,19 +455,19 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
   """BM25 scores of every document for token-id queries, from the posting lists (jittable).
 
   Every counted query token (as `query_bag`: in the mask, in [0, V), not ignored; a repeated
-  token counts each time) adds its posting list to its query's row. The batch's postings are
-  laid end to end (query by query, token by token) and read `block` at a time by one
-  `lax.fori_loop`: each step finds the (query, token) each of its postings belongs to
-  (`searchsorted` on the cumulative list lengths), gathers the postings and scatter-adds them
-  into that query's row. The work is the batch's total postings, however unevenly the
-  queries share them (a query of common tokens does not make the others wait).
+  token counts each time) adds its posting list to its query's row. Queries are scored one
+  after the other (`lax.map`), each in its own `[M]` row (small enough to stay in cache, as
+  bm25s's loop): its tokens' posting lists are laid end to end and read `block` postings at a
+  time by a `lax.fori_loop` of the query's own length (`searchsorted` on the cumulative list
+  lengths gives each posting's token), gathered and scatter-added into the row. The work is
+  the query terms' document frequencies, not V x M, and no query waits for another.
 
   Args:
     index: `SparseBM25Index`.
     query_tokens: [Q, L] int32 token ids.
     query_mask: [Q, L] bool, True on the query's tokens.
     ignore_ids: Ids never counted (static under jit).
-    block: postings read per loop step, for the whole batch (static).
+    block: postings read per loop step (static).
 
   Returns:
     [Q, M] float32 scores, equal to `bm25_scores` of the dense index (float32 rounding).
@@ -481,25 +481,28 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
         f"query_tokens and query_mask must both be [Q, L], got {query_tokens.shape} and "
         f"{query_mask.shape}")
   vocab_size, num_docs = index.absent.shape[0], index.doc_len.shape[0]
-  num_queries, width = query_tokens.shape
   valid = _valid_terms(query_tokens, query_mask, vocab_size, ignore_ids)   # [Q, L]
   term = jnp.where(valid, query_tokens, 0)
-  lo = jnp.where(valid, index.starts[term], 0).reshape(-1)                  # [Q * L]
-  size = jnp.where(valid, index.starts[term + 1] - index.starts[term], 0).reshape(-1)
-  ends = jnp.cumsum(size)                                                   # [Q * L]
-  total = ends[-1]
+  lo = jnp.where(valid, index.starts[term], 0)                              # [Q, L]
+  size = jnp.where(valid, index.starts[term + 1] - lo, 0)
   base = jnp.sum(jnp.where(valid, index.absent[term], 0.0), axis=1)        # [Q]
-  scores = jnp.broadcast_to(base[:, None], (num_queries, num_docs))
   last = index.docs.shape[0] - 1
 
-  def step(i, scores):
-    pos = i * block + jnp.arange(block)                                     # [P] in the batch
-    seg = jnp.minimum(jnp.searchsorted(ends, pos, side="right"), ends.shape[0] - 1)
-    at = jnp.clip(lo[seg] + pos - (ends[seg] - size[seg]), 0, last)        # [P] in the index
-    weight = jnp.where(pos < total, index.weights[at], 0.0)
-    return scores.at[seg // width, index.docs[at]].add(weight)
+  def one_query(args):
+    lo, size, base = args                                                   # [L], [L], []
+    ends = jnp.cumsum(size)
+    total = ends[-1]
 
-  return jax.lax.fori_loop(0, (total + block - 1) // block, step, scores)
+    def step(i, scores):
+      pos = i * block + jnp.arange(block)                                   # [P]
+      tok = jnp.minimum(jnp.searchsorted(ends, pos, side="right"), ends.shape[0] - 1)
+      at = jnp.clip(lo[tok] + pos - (ends[tok] - size[tok]), 0, last)
+      return scores.at[index.docs[at]].add(jnp.where(pos < total, index.weights[at], 0.0))
+
+    return jax.lax.fori_loop(0, (total + block - 1) // block, step,
+                             jnp.full((num_docs,), base, jnp.float32))
+
+  return jax.lax.map(one_query, (lo, size, base))
 
 
 def sparse_bm25_search(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,

@@ -18,6 +18,7 @@ from absl.testing import absltest, parameterized
 from jaxsearch import metrics as metrics_lib
 from jaxsearch.models import lora as lora_lib
 from jaxsearch.models.hf import save_hf_checkpoint
+from jaxsearch.models.transformer import unstack_layer_params
 from jaxsearch.programs.search_agent import workdir as workdir_lib
 from tests.data.hf_tokenizer_fixtures import write_tokenizer_dir
 from tests.integration.launcher_test import launch
@@ -28,6 +29,7 @@ BINDINGS = (
     "SFT_STEPS = 2", f"RL_STEPS = {RL_STEPS}",
     "search_env.RolloutConfig.max_len = 384", "transformer.TransformerConfig.max_len = 384",
     "experiment.DataConfig.max_passage_tokens = 24",
+    "steps.PolicyGradientConfig.micro_batch_size = 2",     # 4 episodes per step here
     'prompts.PromptConfig.instruction = "Search with <search> q </search>, answer with '
     '<answer> a </answer>. {question}"',
     'prompts.PromptConfig.closed_book_instruction = "Answer with <answer> a </answer>. '
@@ -71,7 +73,9 @@ class HFPolicyRunTest(parameterized.TestCase):
       self.assertNotEmpty(adapters)
       # The base is the checkpoint's, bit for bit, after SFT and RL; the adapters trained
       # (their B starts at zero).
-      jax.tree.map(np.testing.assert_array_equal, base, exp.pretrained_params)
+      self.assertTrue(exp.model.config.scan_layers)          # smollm2_135m.gin's preset
+      jax.tree.map(np.testing.assert_array_equal, unstack_layer_params(base),
+                   exp.pretrained_params)
       b = [x for p, x in jax.tree_util.tree_leaves_with_path(adapters) if "lora_b" in str(p)]
       self.assertNotEmpty(b)
       self.assertTrue(all(np.abs(np.asarray(x)).max() > 0 for x in b))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from jaxsearch.models import pretrained
-from jaxsearch.models.transformer import Transformer
+from jaxsearch.models.transformer import Transformer, unstack_layer_params
 from jaxsearch.programs.search_agent import experiment
+from tests import compiled
 
 
 class PretrainedSpecTest(absltest.TestCase):
@@ -53,14 +54,16 @@ class SmolLM2PolicyTest(absltest.TestCase):
     self.assertTrue(prompt.rstrip("<|im_end|>").endswith("<|im_start|>assistant\n"), prompt)
     params, specs = exp.init_params(jax.random.key(0))
     _, ref_params, _ = pretrained.load_pretrained("smollm2-135m-instruct", add_tags=False)
-    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    self.assertTrue(exp.model.config.scan_layers)              # the gin file's preset
+    jax.tree.map(np.testing.assert_array_equal, unstack_layer_params(params), ref_params)
     self.assertEqual(jax.tree.structure(params), jax.tree.structure(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     ids = exp.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}])
-    logits = exp.model.apply({"params": params}, jnp.asarray([ids]))
-    ref = Transformer(dataclasses.replace(exp.model.config)).apply(
-        {"params": ref_params}, jnp.asarray([ids]))
+    logits = compiled.apply(exp.model, {"params": params}, jnp.asarray([ids]))
+    ref = compiled.apply(Transformer(dataclasses.replace(exp.model.config, scan_layers=False,
+                                                         remat="none", logits_chunk=0)),
+                         {"params": ref_params}, jnp.asarray([ids]))
     np.testing.assert_allclose(logits, ref, atol=1e-5)
     # The special-id protocol grows the vocabulary by the 8 tags.
     special = experiment.setup(dataclasses.replace(config, protocol="special"))
