@@ -566,7 +566,7 @@ class BM25SearchBenchmarkTest(absltest.TestCase):
     rows = result["rows"]
     self.assertEqual([(r["num_docs"], r["system"], r["block"]) for r in rows],
                      [(m, s, b) for m in (200, 1000) for s, b in (
-                         ("jaxsearch_sparse", 256), ("bm25s", None), ("jaxsearch_dense", None))])
+                         ("jaxsearch_sparse", 1024), ("bm25s", None), ("jaxsearch_dense", None))])
     for r in rows:
       self.assertEqual(r["num_queries"], 32)
       self.assertGreater(r["mean_doc_tokens"], 0.0)
