@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +195,23 @@ def _check_ignore_ids(ignore_ids: Sequence[int]) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
+def _check_build_args(corpus: TokenizedCorpus, vocab_size: object, config: object,
+                      ignore_ids: Sequence[int], xp) -> tuple[int, tuple[int, ...], Any, Any]:
+  """The index builders' checked arguments: (vocab_size, ignore_ids, tokens [M, L], lengths
+  [M]) with the corpus as `xp` (jnp or np) arrays."""
+  vocab_size = _check_vocab_size(vocab_size)
+  ignore_ids = _check_ignore_ids(ignore_ids)
+  if not isinstance(config, BM25Config):
+    raise ValueError(f"config must be a BM25Config, got {type(config).__name__}")
+  tokens = xp.asarray(corpus.tokens)
+  lengths = xp.asarray(corpus.lengths)
+  if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+    raise ValueError(
+        f"corpus must have tokens [M, L] and lengths [M], got {tokens.shape} and "
+        f"{lengths.shape}")
+  return vocab_size, ignore_ids, tokens, lengths
+
+
 def _valid_terms(tokens: jax.Array, keep: jax.Array, vocab_size: int,
                  ignore_ids: tuple[int, ...]) -> jax.Array:
   """[..., L] bool: kept, in [0, vocab_size), and not an ignored id."""
@@ -276,16 +293,8 @@ def build_bm25_index(corpus: TokenizedCorpus, vocab_size: int,
     >>> build = jax.jit(build_bm25_index, static_argnums=(1, 2), static_argnames="ignore_ids")
     >>> index = build(corpus, 4096, BM25Config(), ignore_ids=(0, 1, 2))
   """
-  vocab_size = _check_vocab_size(vocab_size)
-  ignore_ids = _check_ignore_ids(ignore_ids)
-  if not isinstance(config, BM25Config):
-    raise ValueError(f"config must be a BM25Config, got {type(config).__name__}")
-  tokens = jnp.asarray(corpus.tokens)
-  lengths = jnp.asarray(corpus.lengths)
-  if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
-    raise ValueError(
-        f"corpus must have tokens [M, L] and lengths [M], got {tokens.shape} and "
-        f"{lengths.shape}")
+  vocab_size, ignore_ids, tokens, lengths = _check_build_args(corpus, vocab_size, config,
+                                                              ignore_ids, jnp)
   num_docs, max_len = tokens.shape
   method = BM25_METHODS.get(config.method)
 
@@ -412,16 +421,8 @@ def build_sparse_bm25_index(corpus: TokenizedCorpus, vocab_size: int,
   Example:
     >>> index = build_sparse_bm25_index(corpus, 49152, BM25Config(), ignore_ids=(0, 1, 2))
   """
-  vocab_size = _check_vocab_size(vocab_size)
-  ignore_ids = _check_ignore_ids(ignore_ids)
-  if not isinstance(config, BM25Config):
-    raise ValueError(f"config must be a BM25Config, got {type(config).__name__}")
-  tokens = np.asarray(corpus.tokens)
-  lengths = np.asarray(corpus.lengths)
-  if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
-    raise ValueError(
-        f"corpus must have tokens [M, L] and lengths [M], got {tokens.shape} and "
-        f"{lengths.shape}")
+  vocab_size, ignore_ids, tokens, lengths = _check_build_args(corpus, vocab_size, config,
+                                                              ignore_ids, np)
   num_docs, max_len = tokens.shape
   method = BM25_METHODS.get(config.method)
   valid = ((np.arange(max_len)[None, :] < lengths[:, None]) & (tokens >= 0)
