@@ -3,11 +3,16 @@ r"""Run a trained agent on questions and print each episode: searches, passages,
   python -m experiments.inspect_agent --workdir=runs/quickstart [--split=test --num=3 --start=0]
   python -m experiments.inspect_agent --workdir=runs/quickstart --question="Where was Mira Tolven born?"
   python -m experiments.inspect_agent --workdir=runs/quickstart --interactive
+  python -m experiments.inspect_agent --gin_file=gin/experiments/qa_example.gin \
+    --gin_file=gin/models/smollm2_135m.gin --num=2        # a pretrained policy, untrained
 
 The agent is rebuilt from the workdir alone (`run_config.json`, `tokenizer.model` and the
 latest checkpoint: RL if there is one, else SFT; `--phase` / `--step` pick another) and runs
 the training run's evaluation rollout (greedy unless the run set `eval_temperature`).
-`--interactive` reads one question per line from stdin until an empty line or end of input;
+Instead of a workdir, `--gin_file` (+ `--gin_param`) names a RunConfig whose policy is a
+pretrained checkpoint (`RunConfig.pretrained`: "hf:DIR", "gguf:PATH" or a registered name):
+its world is built and the checkpoint's parameters run as they are, untrained
+(`inspect_lib.load_pretrained_agent`). `--interactive` reads one question per line from stdin until an empty line or end of input;
 `QUESTION || ANSWER[|ANSWER...]` also gives gold answers, so the line is scored. The rendering
 is `jaxsearch.programs.search_agent.inspect_lib.format_trajectory`, which notebooks call directly.
 
@@ -17,6 +22,7 @@ would put this directory first on `sys.path` and the file would hide the standar
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO
 
@@ -29,6 +35,10 @@ def define_flags() -> None:
   """The command line's flags (defined when run as a program, so that importing this module
   next to another launcher, e.g. in the tests, does not define `--workdir` twice)."""
   flags.DEFINE_string("workdir", None, "A training run's workdir (loop.run).")
+  flags.DEFINE_multi_string("gin_file", [], "Instead of --workdir: gin files of a RunConfig "
+                            "with a pretrained policy, run untrained.")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after --gin_file.")
+  flags.DEFINE_alias("gin_param", "gin_bindings")
   flags.DEFINE_string("split", "test", "Split whose questions are shown: train, validation or test.")
   flags.DEFINE_integer("num", 3, "How many questions of the split.")
   flags.DEFINE_integer("start", 0, "Index of the first question of the split.")
@@ -81,11 +91,17 @@ def interact(exp, params, stdin: IO[str], out: IO[str], **kwargs) -> int:
 
 def main(argv):
   del argv
-  if not FLAGS.workdir:
-    raise app.UsageError("pass --workdir=DIR, the workdir of a training run")
+  if bool(FLAGS.workdir) == bool(FLAGS.gin_file):
+    raise app.UsageError("pass --workdir=DIR (the workdir of a training run) or --gin_file=... "
+                         "(a RunConfig with a pretrained policy), not both")
   from jaxsearch.programs.search_agent import inspect_lib  # noqa: PLC0415
-  exp, params, where = inspect_lib.load_agent(FLAGS.workdir, FLAGS.phase, FLAGS.step)
-  print(f"agent: {FLAGS.workdir} ({where})", flush=True)
+  if FLAGS.workdir:
+    exp, params, where = inspect_lib.load_agent(FLAGS.workdir, FLAGS.phase, FLAGS.step)
+  else:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = inspect_lib.run_config_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, (repo,))
+    exp, params, where = inspect_lib.load_pretrained_agent(config)
+  print(f"agent: {FLAGS.workdir or ', '.join(FLAGS.gin_file)} ({where})", flush=True)
   kwargs = dict(passage_chars=FLAGS.passage_chars, closed_book=FLAGS.closed_book)
   if FLAGS.interactive:
     interact(exp, params, sys.stdin, sys.stdout, **kwargs)

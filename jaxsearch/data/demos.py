@@ -54,16 +54,19 @@ class TeacherConfig:
 
 
 def prompt_ids(tokenizer: Any, question: Question, prompt: PromptConfig | None = None, *,
-               protocol: str = "special", closed_book: bool = False) -> list[int]:
+               protocol: str = "special", closed_book: bool = False,
+               information: Sequence[int] | None = None) -> list[int]:
   """The prompt of one question (`jaxsearch.data.prompts.prompt_ids`); with the default
-  plain style `<bos>` and the tokens of `PROMPT_TEMPLATE`."""
+  plain style `<bos>` and the tokens of `PROMPT_TEMPLATE`. `information` (a retrieved
+  `<information>` block's ids) makes it the RAG baseline's prompt."""
   return prompts_lib.prompt_ids(tokenizer, question.question, prompt, protocol=protocol,
-                                closed_book=closed_book)
+                                closed_book=closed_book, information=information)
 
 
 def encode_prompts(
     tokenizer: Any, questions: Sequence[Question], *, closed_book: bool = False,
     prompt: PromptConfig | None = None, protocol: str = "special",
+    information: Sequence[Sequence[int]] | None = None, width: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Tokenizes questions into right-padded prompts.
 
@@ -73,13 +76,20 @@ def encode_prompts(
     closed_book: end with `<answer>` so the policy must answer without searching.
     prompt: the prompt settings (default `PromptConfig()`).
     protocol: "special" or "text" (see `jaxsearch.data.prompts`).
+    information: per question, the `<information>` block of the RAG baseline's prompt
+      (None: no block).
+    width: pad to this many columns (None: the longest prompt).
 
   Returns:
     `(prompts [N, P] int32, lengths [N] int32)`, padded with `tokenizer.pad_id`.
   """
+  if information is not None and len(information) != len(questions):
+    raise ValueError(f"information must hold one block per question ({len(questions)}), got "
+                     f"{len(information)}")
+  blocks = [None] * len(questions) if information is None else information
   return pad_sequences([prompt_ids(tokenizer, q, prompt, protocol=protocol,
-                                   closed_book=closed_book) for q in questions],
-                       tokenizer.pad_id)
+                                   closed_book=closed_book, information=b)
+                        for q, b in zip(questions, blocks)], tokenizer.pad_id, width)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None

@@ -13,6 +13,20 @@ Two prompt styles:
 "plain". A closed-book prompt (the baseline that may not search) uses
 `closed_book_instruction` and ends with the opening `<answer>` tag already written.
 
+A RAG prompt (Search-R1's "RAG" baseline: retrieve with the question, answer once) is given
+the `<information>` block the environment writes for a search of the question's text (its
+ids, e.g. from `Experiment.respond`). The block goes where the environment would put it after
+the policy's first search: after `<bos>Question: {question}` (plain), or right after the chat
+template's generation prompt, at the start of the assistant's turn (chat; the user message is
+`rag_instruction`, which says that passages follow). Then the opening `<answer>` tag, as in a
+closed-book prompt:
+
+  plain  <bos>Question: {question}<information> ... </information><answer>
+  chat   [system] user: {rag_instruction} | assistant: <information> ... </information><answer>
+
+The block stays token ids from end to end (never decoded and re-encoded), so the policy reads
+exactly the passages an agent's search of the question would show it.
+
 Tags are written per protocol (`tagged_ids`): one id per tag with the "special" protocol,
 ordinary text (`<search> query </search>`) with the "text" protocol.
 
@@ -26,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 PROMPT_STYLES = ("auto", "plain", "chat")
 PROTOCOLS = ("special", "text")
@@ -38,6 +52,10 @@ DEFAULT_INSTRUCTION = (
     "</information>. Search as often as you need, one query at a time. When you know the "
     "answer, write it between <answer> and </answer>, as a few words only, for example "
     "<answer> Lisbon </answer>.\n\nQuestion: {question}")
+DEFAULT_RAG_INSTRUCTION = (
+    "Answer the question below using the passages that follow it, shown between "
+    "<information> and </information>. Write only the answer, a few words, between <answer> "
+    "and </answer>.\n\nQuestion: {question}")
 DEFAULT_CLOSED_BOOK_INSTRUCTION = (
     "Answer the question below from what you know, without looking anything up. Write only "
     "the answer, a few words, between <answer> and </answer>.\n\nQuestion: {question}")
@@ -53,17 +71,20 @@ class PromptConfig:
       its own default).
     instruction: the user message of a chat prompt; `{question}` is replaced by the question.
     closed_book_instruction: the user message of the closed-book baseline's chat prompt.
+    rag_instruction: the user message of the RAG baseline's chat prompt (the retrieved
+      `<information>` block follows the generation prompt).
   """
 
   style: str = "auto"
   system: str = ""
   instruction: str = DEFAULT_INSTRUCTION
   closed_book_instruction: str = DEFAULT_CLOSED_BOOK_INSTRUCTION
+  rag_instruction: str = DEFAULT_RAG_INSTRUCTION
 
   def __post_init__(self):
     if self.style not in PROMPT_STYLES:
       raise ValueError(f"PromptConfig.style must be one of {PROMPT_STYLES}, got {self.style!r}")
-    for name in ("instruction", "closed_book_instruction"):
+    for name in ("instruction", "closed_book_instruction", "rag_instruction"):
       if "{question}" not in getattr(self, name):
         raise ValueError(f"PromptConfig.{name} must contain '{{question}}', got "
                          f"{getattr(self, name)!r}")
@@ -104,8 +125,10 @@ def tagged_ids(tokenizer: Any, protocol: str, name: str, text: str) -> list[int]
 
 
 def prompt_ids(tokenizer: Any, question: str, config: PromptConfig | None = None, *,
-               protocol: str = "special", closed_book: bool = False) -> list[int]:
-  """The prompt of one question.
+               protocol: str = "special", closed_book: bool = False,
+               information: Sequence[int] | None = None) -> list[int]:
+  """The prompt of one question: the agent's, the closed-book baseline's or the RAG
+  baseline's (see the module docstring).
 
   Args:
     tokenizer: the policy's tokenizer (`apply_chat_template` for the chat style).
@@ -114,12 +137,31 @@ def prompt_ids(tokenizer: Any, question: str, config: PromptConfig | None = None
     protocol: "special" or "text" (how the closed-book prompt's `<answer>` is written, and
       what "auto" picks).
     closed_book: the closed-book baseline's prompt, ending with the `<answer>` tag.
+    information: the RAG baseline's prompt: these ids (the `<information>` block retrieved
+      for the question) follow the question, then the `<answer>` tag.
 
   Returns:
     The ids.
+
+  Raises:
+    ValueError: both `closed_book` and `information`; an empty `information`; a chat style
+      without a chat template.
+
+  Example:
+    >>> block = exp.respond([question])[0][0]          # doctest: +SKIP
+    >>> ids = prompt_ids(tok, question, protocol="text", information=block)  # doctest: +SKIP
+    >>> tok.decode(ids).endswith("</information><answer>")  # doctest: +SKIP
+    True
   """
   config = PromptConfig() if config is None else config
   _check_protocol(protocol)
+  if information is not None:
+    if closed_book:
+      raise ValueError("a prompt is closed-book or RAG (given `information`), not both")
+    information = [int(i) for i in information]
+    if not information:
+      raise ValueError("information must hold the ids of a retrieved <information> block, got "
+                       "an empty list")
   style = config.resolved_style(tokenizer, protocol)
   if style == "plain":
     ids = [tokenizer.bos_id, *tokenizer.encode(PLAIN_TEMPLATE.format(question=question))]
@@ -127,11 +169,14 @@ def prompt_ids(tokenizer: Any, question: str, config: PromptConfig | None = None
     if not getattr(tokenizer, "chat_template", None):
       raise ValueError("PromptConfig.style='chat' needs a tokenizer with a chat template (a "
                        f"Hugging Face or GGUF checkpoint's); {type(tokenizer).__name__} has none")
-    template = config.closed_book_instruction if closed_book else config.instruction
+    template = (config.closed_book_instruction if closed_book else
+                config.rag_instruction if information is not None else config.instruction)
     messages = ([{"role": "system", "content": config.system}] if config.system else [])
     messages.append({"role": "user", "content": template.format(question=question)})
     ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-  if closed_book:
+  if information is not None:
+    ids += information
+  if closed_book or information is not None:
     ids += tag_ids(tokenizer, protocol, "<answer>")
   return ids
 

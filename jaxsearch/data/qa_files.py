@@ -24,15 +24,28 @@ read with pyarrow). Each line / row is one question; what is read of it:
              Duplicates are dropped, order kept: the first answer is what the warm-start
              teacher answers.
 
-Every other field (`metadata`, `data_source`, `ability`, ...) is ignored. Blank JSONL lines are
+  source     `data_source` (Search-R1's parquet rows name each row's dataset there: "nq",
+             "hotpotqa", ...; a FlashRAG-style JSONL line may carry it too) or
+             `metadata.data_source`: a string, "" when absent. `split_by_source` splits a
+             merged file into its datasets by it, as Search-R1 evaluates its seven test sets
+             from one merged parquet.
+  support    `supporting_doc_ids` at the top level, in `metadata` or in `extra_info` (the
+             first present): a list of corpus document ids (strings or integers, compared as
+             strings with the corpus's `id`s) that answer the question; () when absent. With
+             them, an evaluation's support recall counts retrieved ids
+             (`jaxsearch.programs.search_agent.evaluate`), and `make_qa_world` checks that the
+             corpus has every one.
+
+Every other field (`ability`, the rest of `metadata`, ...) is ignored. Blank JSONL lines are
 skipped. Anything else that is malformed (bad JSON or UTF-8, a line that is not an object, a
 missing or mistyped field) raises `QAFormatError`, a `ValueError` whose message starts with
 `path:line:` (JSONL, 1-based line as in `jaxsearch.retrieval.corpus`) or `path:row N:`
 (parquet, 0-based row as pandas shows it) and names the problem.
 
-Files have no supporting documents and no search plan, so `to_questions` makes each record a
-one-hop `Question` of kind `QA_KIND` whose ideal search is the question itself:
-`search_queries=(question,)`, `supporting_doc_ids=()`. The warm-start teacher
+Files have no search plan, so `to_questions` makes each record a one-hop `Question` of kind
+`QA_KIND` whose ideal search is the question itself: `search_queries=(question,)`,
+`supporting_doc_ids` the record's `supporting_doc_ids` (usually ()), `source` its
+`data_source`. The warm-start teacher
 (`jaxsearch.data.demos`) therefore searches once with the question text and answers the first
 golden answer (or, with `no_search_prob`, guesses one of the train split's answers without
 searching): it teaches the format and the search-then-copy habit, not where the answer is.
@@ -46,7 +59,7 @@ Example:
   ...                           "golden_answers": ["Shakespeare", "William Shakespeare"]}))
   >>> read_qa_file(path)
   (QAExample(qid='dev_0', question='who wrote hamlet?', answers=('Shakespeare', \
-'William Shakespeare')),)
+'William Shakespeare'), source='', support_ids=()),)
 """
 from __future__ import annotations
 
@@ -62,6 +75,8 @@ QA_KIND = "qa"   # Question.kind of every question read from a file
 _PARQUET_MAGIC = b"PAR1"
 _GZIP_MAGIC = b"\x1f\x8b"
 ANSWER_FIELDS = ("golden_answers", "answers", "answer")
+SOURCE_FIELD = "data_source"
+SUPPORT_FIELD = "supporting_doc_ids"
 
 
 class QAFormatError(ValueError):
@@ -83,6 +98,8 @@ class QAExample(NamedTuple):
   qid: str
   question: str
   answers: tuple[str, ...]   # at least one, the teacher's answer first
+  source: str = ""           # `data_source`: the dataset the question belongs to ("" unknown)
+  support_ids: tuple[str, ...] = ()   # `supporting_doc_ids`: corpus ids that answer it
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,7 +177,7 @@ def example_from_record(record: Mapping[str, Any], *, default_id: str) -> QAExam
     >>> example_from_record({"prompt": [{"role": "user", "content": "Question: Why?"}],
     ...                      "reward_model": {"ground_truth": {"target": ["because"]}},
     ...                      "extra_info": {"split": "train", "index": 7}}, default_id="x")
-    QAExample(qid='train_7', question='Why?', answers=('because',))
+    QAExample(qid='train_7', question='Why?', answers=('because',), source='', support_ids=())
   """
   if not isinstance(record, Mapping):
     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
@@ -191,18 +208,60 @@ def example_from_record(record: Mapping[str, Any], *, default_id: str) -> QAExam
   question = question.strip()
   if not question:
     raise ValueError(f"field {field!r} holds an empty question")
-  # Answers.
+  source, support = _source(record), _support_ids(record)
+  return QAExample(qid, question, _record_answers(record), source, support)
+
+
+def _record_answers(record: Mapping[str, Any]) -> tuple[str, ...]:
   for name in ANSWER_FIELDS:
     if record.get(name) is not None:
-      return QAExample(qid, question, _answers(record[name], name))
+      return _answers(record[name], name)
   truth = record.get("reward_model")
   truth = truth.get("ground_truth") if isinstance(truth, Mapping) else None
   if isinstance(truth, Mapping) and truth.get("target") is not None:
-    return QAExample(qid, question, _answers(truth["target"], "reward_model.ground_truth.target"))
+    return _answers(truth["target"], "reward_model.ground_truth.target")
   if truth is not None and not isinstance(truth, Mapping):
-    return QAExample(qid, question, _answers(truth, "reward_model.ground_truth"))
+    return _answers(truth, "reward_model.ground_truth")
   raise ValueError("missing answers: no field 'golden_answers', 'answers', 'answer' or "
                    f"'reward_model.ground_truth.target'; fields: {sorted(record)}")
+
+
+def _nested(record: Mapping[str, Any], name: str) -> tuple[Any, str]:
+  """`(value, field name)` of `name` at the top level, in `metadata` or in `extra_info`."""
+  for parent in ("", "metadata", "extra_info"):
+    holder = record.get(parent) if parent else record
+    if isinstance(holder, Mapping) and holder.get(name) is not None:
+      return holder[name], f"{parent}.{name}" if parent else name
+  return None, name
+
+
+def _source(record: Mapping[str, Any]) -> str:
+  value, field = _nested(record, SOURCE_FIELD)
+  if value is None:
+    return ""
+  if not isinstance(value, str):
+    raise ValueError(f"field {field!r} must be a string (a dataset name), got "
+                     f"{type(value).__name__} {value!r}")
+  return value.strip()
+
+
+def _support_ids(record: Mapping[str, Any]) -> tuple[str, ...]:
+  value, field = _nested(record, SUPPORT_FIELD)
+  if value is None:
+    return ()
+  if isinstance(value, (str, int)) and not isinstance(value, bool):
+    value = [value]
+  if not isinstance(value, (list, tuple)):
+    raise ValueError(f"field {field!r} must be a list of corpus ids, got "
+                     f"{type(value).__name__} {str(value)[:60]}")
+  out: list[str] = []
+  for i, doc_id in enumerate(value):
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
+      raise ValueError(f"field {field!r}: id {i} must be a non-empty string or an integer, got "
+                       f"{doc_id!r}")
+    if str(doc_id) not in out:
+      out.append(str(doc_id))
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +367,8 @@ def read_qa_file(path: str | os.PathLike, *, max_questions: int = 0) -> tuple[QA
 
 
 def write_qa_jsonl(examples: Sequence[QAExample], path: str | os.PathLike) -> None:
-  """Writes FlashRAG JSONL `{"id", "question", "golden_answers"}` (gzip if `path` ends in .gz).
+  """Writes FlashRAG JSONL `{"id", "question", "golden_answers"}` (gzip if `path` ends in .gz),
+  with `data_source` and `supporting_doc_ids` when an example has them.
 
   Example:
     >>> write_qa_jsonl([QAExample("q1", "Why?", ("because",))], "/tmp/qa.jsonl")  # doctest: +SKIP
@@ -317,8 +377,12 @@ def write_qa_jsonl(examples: Sequence[QAExample], path: str | os.PathLike) -> No
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "wt", encoding="utf-8") as f:
     for e in examples:
-      f.write(json.dumps({"id": e.qid, "question": e.question, "golden_answers": list(e.answers)},
-                         ensure_ascii=False) + "\n")
+      record = {"id": e.qid, "question": e.question, "golden_answers": list(e.answers)}
+      if e.source:
+        record[SOURCE_FIELD] = e.source
+      if e.support_ids:
+        record[SUPPORT_FIELD] = list(e.support_ids)
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,32 +391,80 @@ def write_qa_jsonl(examples: Sequence[QAExample], path: str | os.PathLike) -> No
 
 
 def to_questions(examples: Sequence[QAExample]) -> tuple[Question, ...]:
-  """One-hop `Question`s whose ideal search is the question itself (no supporting docs).
+  """One-hop `Question`s whose ideal search is the question itself; `supporting_doc_ids` are
+  the record's (usually none) and `source` its `data_source`.
 
   Example:
-    >>> q, = to_questions([QAExample("q1", "Who wrote Hamlet?", ("Shakespeare",))])
-    >>> q.search_queries, q.supporting_doc_ids, q.hops, q.kind
-    (('Who wrote Hamlet?',), (), 1, 'qa')
+    >>> q, = to_questions([QAExample("q1", "Who wrote Hamlet?", ("Shakespeare",), "nq")])
+    >>> q.search_queries, q.supporting_doc_ids, q.hops, q.kind, q.source
+    (('Who wrote Hamlet?',), (), 1, 'qa', 'nq')
   """
   return tuple(Question(qid=e.qid, question=e.question, answers=tuple(e.answers),
-                        supporting_doc_ids=(), hops=1, search_queries=(e.question,),
-                        bridge_answers=(), kind=QA_KIND) for e in examples)
+                        supporting_doc_ids=tuple(e.support_ids), hops=1,
+                        search_queries=(e.question,), bridge_answers=(), kind=QA_KIND,
+                        source=e.source) for e in examples)
+
+
+def split_by_source(examples: Sequence[QAExample], default: str
+                    ) -> dict[str, tuple[QAExample, ...]]:
+  """Splits a (merged) file's examples into datasets by their `data_source`.
+
+  Args:
+    examples: a file's examples, in file order.
+    default: the dataset name of examples without a `data_source` (e.g. the file's name).
+
+  Returns:
+    dataset name -> its examples in file order; names in order of first appearance.
+
+  Example:
+    >>> split = split_by_source([QAExample("a", "q?", ("x",), "nq"),
+    ...                          QAExample("b", "r?", ("y",), "hotpotqa"),
+    ...                          QAExample("c", "s?", ("z",))], default="extra")
+    >>> {name: [e.qid for e in rows] for name, rows in split.items()}
+    {'nq': ['a'], 'hotpotqa': ['b'], 'extra': ['c']}
+  """
+  if not default:
+    raise ValueError(f"split_by_source needs a default dataset name, got {default!r}")
+  out: dict[str, list[QAExample]] = {}
+  for e in examples:
+    out.setdefault(e.source or default, []).append(e)
+  return {name: tuple(rows) for name, rows in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class QAWorld(World):
   """A `World` read from files: a corpus and QA splits, no entity tables.
 
-  `config` is a default `WorldConfig` and means nothing here. `answer_values(QA_KIND)` (the
-  warm-start teacher's pool of guesses) is the sorted set of the train split's answers, so no
-  held-out answer leaks into the demonstrations.
+  `config` is a default `WorldConfig` and means nothing here. `answer_values(kind)` (the
+  warm-start teacher's pool of guesses) is the sorted set of the answers of the train split's
+  questions of that kind (`QA_KIND` for files; the WordNet world's kinds), so no held-out
+  answer leaks into the demonstrations.
   """
 
   def answer_values(self, kind: str) -> tuple[str, ...]:
-    if kind != QA_KIND:
-      return super().answer_values(kind)
-    train = self.splits.get("train", ())
+    train = [q for q in self.splits.get("train", ()) if q.kind == kind]
+    if not train:
+      raise ValueError(f"no train question of kind {kind!r}; the train split has kinds "
+                       f"{sorted({q.kind for q in self.splits.get('train', ())})}")
     return tuple(sorted({a for q in train for a in q.answers}))
+
+
+def check_support_ids(examples, doc_ids) -> None:
+  """Raises a ValueError naming the first example whose `support_ids` the corpus lacks.
+
+  Example:
+    >>> check_support_ids([QAExample("q1", "Why?", ("x",), support_ids=("d9",))], ["d1"])
+    Traceback (most recent call last):
+    ...
+    ValueError: question 'q1' names supporting document 'd9', which the corpus (1 documents) does not have
+  """
+  known = set(doc_ids)
+  for e in examples:
+    ids = e.support_ids if isinstance(e, QAExample) else e.supporting_doc_ids
+    for d in ids:
+      if d not in known:
+        raise ValueError(f"question {e.qid!r} names supporting document {d!r}, which the "
+                         f"corpus ({len(known)} documents) does not have")
 
 
 def make_qa_world(documents: Sequence[Document],
@@ -378,5 +490,6 @@ def make_qa_world(documents: Sequence[Document],
   ids = [d.doc_id for d in documents]
   if len(set(ids)) != len(ids):
     raise ValueError("document ids must be unique")
+  check_support_ids((e for rows in splits.values() for e in rows), ids)
   return QAWorld(WorldConfig(), documents,
                  {s: to_questions(splits.get(s, ())) for s in SPLITS})

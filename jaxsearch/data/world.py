@@ -227,6 +227,8 @@ class Question:
     bridge_answers: Intermediate answers of every hop but the last, e.g. ("Brindel",);
       () for 1-hop questions.
     kind: Template name, one of `KINDS`.
+    source: The dataset the question comes from (a QA file's `data_source`, e.g. "nq"); ""
+      for generated questions. Evaluations report metrics per source.
   """
 
   qid: str
@@ -237,6 +239,7 @@ class Question:
   search_queries: tuple[str, ...]
   bridge_answers: tuple[str, ...]
   kind: str
+  source: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

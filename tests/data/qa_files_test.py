@@ -132,14 +132,15 @@ class SearchR1Test(absltest.TestCase):
     ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     self.assertEqual(qa_files.read_qa_file(path), (
-        QAExample("train_0", "when was the eiffel tower built?", ("1889", "1887")),
-        QAExample("train_1", "who founded x?", ("Ann",))))
+        QAExample("train_0", "when was the eiffel tower built?", ("1889", "1887"), "nq"),
+        QAExample("train_1", "who founded x?", ("Ann",), "hotpotqa")))   # data_source kept
     # When the FlashRAG columns are kept beside the prompt, they win.
     rows = [dict(r, id=f"nq_{i}", question=f"q{i}?", golden_answers=[f"g{i}"])
             for i, r in enumerate(rows)]
     pq.write_table(pa.Table.from_pylist(rows), path)
     self.assertEqual(qa_files.read_qa_file(path),
-                     (QAExample("nq_0", "q0?", ("g0",)), QAExample("nq_1", "q1?", ("g1",))))
+                     (QAExample("nq_0", "q0?", ("g0",), "nq"),
+                      QAExample("nq_1", "q1?", ("g1",), "hotpotqa")))
 
   def test_parquet_error_names_the_row(self):
     path = os.path.join(tempfile.mkdtemp(), "bad.parquet")

@@ -444,13 +444,22 @@ class Experiment:
       return self.model, params
     return self.base_model, lora_lib.merge_lora(params, self.config.lora)
 
-  def encode_prompts(self, questions, *, closed_book: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  def encode_prompts(self, questions, *, closed_book: bool = False,
+                     information: Sequence[Sequence[int]] | None = None,
+                     width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(prompts [N, width] int32, lengths [N] int32)` of the agent's, the closed-book
+    baseline's or (with `information`, one retrieved block per question) the RAG baseline's
+    prompts (`jaxsearch.data.prompts`), right-padded to `width` (default `prompt_width`, the
+    longest agent / closed-book prompt of the world's questions; a RAG prompt is longer, so
+    its evaluation passes its own width, `evaluate.prompt_width_for`)."""
+    width = self.prompt_width if width is None else width
     prompts, lens = demos.encode_prompts(self.tokenizer, questions, closed_book=closed_book,
-                                         prompt=self.config.prompt, protocol=self.env.protocol)
-    if prompts.shape[1] > self.prompt_width:
+                                         prompt=self.config.prompt, protocol=self.env.protocol,
+                                         information=information)
+    if prompts.shape[1] > width:
       raise ValueError(f"a prompt has {prompts.shape[1]} tokens, more than the prompt width "
-                       f"{self.prompt_width}")
-    return np.pad(prompts, ((0, 0), (0, self.prompt_width - prompts.shape[1])),
+                       f"{width}")
+    return np.pad(prompts, ((0, 0), (0, width - prompts.shape[1])),
                   constant_values=self.tokenizer.pad_id), lens
 
   def respond(self, queries: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:

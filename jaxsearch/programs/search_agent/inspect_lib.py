@@ -98,6 +98,68 @@ def load_agent(workdir: str, phase: str | None = None,
   return exp, params, f"{phase} step {step}"
 
 
+LOOP_CONFIG = "jaxsearch.programs.search_agent.loop.run.config"
+
+
+def run_config_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                        search_paths: Sequence[str] = ()):
+  """The `RunConfig` that gin files (and bindings) give `loop.run`, without running it.
+
+  Clears gin's global configuration first (a command line's one-off parse). Includes are
+  looked up in `search_paths` and the current directory.
+
+  Raises:
+    ValueError: the files bind no `loop.run.config` (e.g. another entry point's files).
+
+  Example:
+    >>> config = run_config_from_gin(["gin/experiments/qa_example.gin",
+    ...                               "gin/models/smollm2_135m.gin"])  # doctest: +SKIP
+    >>> config.pretrained  # doctest: +SKIP
+    'smollm2-135m-instruct'
+  """
+  import gin  # noqa: PLC0415
+  from jaxsearch.programs.search_agent import loop  # noqa: F401, PLC0415 (the configurable)
+  gin.clear_config()
+  for path in (*search_paths, os.getcwd()):
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  try:
+    value = gin.query_parameter(LOOP_CONFIG)
+  except ValueError:
+    raise ValueError(f"the gin files {list(gin_files)} bind no `loop.run.config` (a search "
+                     "agent's RunConfig, e.g. gin/experiments/search_r1.gin)") from None
+  if isinstance(value, gin.config.ConfigurableReference):
+    value = value.scoped_configurable_fn()
+  return value
+
+
+def load_pretrained_agent(config) -> tuple[Experiment, PyTree, str]:
+  """The agent of a `RunConfig` whose policy is a pretrained checkpoint, untrained: its
+  parameters are the checkpoint's (`RunConfig.pretrained`: "hf:DIR", "gguf:PATH" or a
+  registered name; with LoRA, fresh adapters that change nothing). Nothing is trained and no
+  workdir is read or written: the zero-shot baseline, for `evaluate` and `inspect_agent`.
+
+  Returns:
+    `(exp, params, where)`, `where` naming the checkpoint, e.g. "hf:/ckpt/Qwen2.5-3B
+    (pretrained, no training)".
+
+  Raises:
+    ValueError: the config names no pretrained checkpoint (a from-scratch policy has nothing
+      to evaluate before training: evaluate its workdir).
+
+  Example:
+    >>> exp, params, where = load_pretrained_agent(run_config_from_gin(files))  # doctest: +SKIP
+  """
+  from jaxsearch.programs.search_agent.experiment import setup  # noqa: PLC0415
+  if not config.pretrained:
+    raise ValueError("RunConfig.pretrained is '': a policy trained from scratch has no "
+                     "parameters before training; evaluate a training run's workdir instead, "
+                     "or name a checkpoint (e.g. RunConfig.pretrained = 'hf:DIR')")
+  exp = setup(config)
+  params, _ = exp.init_params(jax.random.fold_in(jax.random.key(config.seed), 0))
+  return exp, params, f"{config.pretrained} (pretrained, no training)"
+
+
 def run_agent(exp: Experiment, params: PyTree, questions: Sequence[Question], *,
               rng: jax.Array | None = None, closed_book: bool = False) -> eval_lib.ScoredBatch:
   """Runs the evaluation rollout on `questions` (in batches of at most `eval_batch_size`).
