@@ -110,6 +110,12 @@ RETRIEVAL_KINDS = ("name", "description")
 # (battles of a war, books of a testament, periods of an era) are asked as "part of".
 PLACE_LEX_FILES = frozenset({"noun.location", "noun.object", "noun.artifact"})
 QA_KINDS = ("wordnet_located_in", "wordnet_located_in_2hop")
+# More question kinds for the search agent (`agent_questions`): the class an entity is an
+# instance of, and a person's birth year as written in the gloss.
+CATEGORY_KIND, BIRTH_YEAR_KIND = "wordnet_category", "wordnet_birth_year"
+AGENT_KINDS = (*QA_KINDS, CATEGORY_KIND, BIRTH_YEAR_KIND)
+# A person's life span at the end of a gloss: "(1612-1672)"; circa and BC dates are left out.
+_LIFE_SPAN_RE = re.compile(r"\((\d{3,4})-\d{2,4}\)\s*$")
 
 _OFFSET_RE = re.compile(r"^\d{8}$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
@@ -736,3 +742,124 @@ def wordnet_questions(entities: Sequence[WordNetEntity] | None = None, *, seed: 
   return WordNetQuestions(retrieval=retrieval,
                           qa={s: tuple(qa[s] + two_hop[s]) for s in SPLITS},
                           entity_split=split_of)
+
+
+def unique_names(entities: Sequence[WordNetEntity]) -> dict[str, str]:
+  """Entity id -> its first name that no other entity has (entities without one are left out).
+
+  Example:
+    >>> unique_names(load_wordnet_entities())["wn-10799283"]   # "Adams" is ambiguous
+    'John Adams'
+  """
+  owners: dict[str, set[str]] = {}
+  for e in entities:
+    for n in e.names:
+      owners.setdefault(n.lower(), set()).add(e.doc_id)
+  out = {}
+  for e in entities:
+    name = next((n for n in e.names if owners[n.lower()] == {e.doc_id}), None)
+    if name is not None:
+      out[e.doc_id] = name
+  return out
+
+
+def birth_year(entity: WordNetEntity) -> str | None:
+  """The birth year of a person whose gloss ends with its life span, e.g. "(1612-1672)" ->
+  "1612"; None otherwise (no span, circa or BC dates, not a person).
+
+  Example:
+    >>> e = WordNetEntity(doc_id="wn-1", title="Bradstreet", text="poet (1612-1672)",
+    ...                   names=("Bradstreet",), located_in=(), instance_of=("poet",),
+    ...                   hypernym_path=(), lex_file="noun.person")
+    >>> birth_year(e)
+    '1612'
+  """
+  if entity.lex_file != "noun.person":
+    return None
+  match = _LIFE_SPAN_RE.search(entity.text)
+  return match.group(1) if match else None
+
+
+def agent_questions(entities: Sequence[WordNetEntity] | None = None, *,
+                    kinds: Sequence[str] = AGENT_KINDS, seed: int = 0,
+                    fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, tuple[Question, ...]]:
+  """Questions for a search agent over the WordNet entity glosses, split so that no test
+  answer is ever a training answer.
+
+  Kinds (`AGENT_KINDS`; pick any):
+    wordnet_located_in       "What is X located in?" (1 hop; as `wordnet_questions`).
+    wordnet_located_in_2hop  "X is in a place that is part of what?" (2 hops).
+    wordnet_category         the classes X is an instance of: "What kind of place is X?"
+                             (places), "What was X's occupation?" (people), "What kind of
+                             thing is X?" (the rest) -> the first names of its instance
+                             hypernyms ("port", "poet"); 1 hop, supported by X's gloss (which
+                             names the class in 72% of entities).
+    wordnet_birth_year       "In what year was X born?" for a person whose gloss ends with a
+                             life span "(1612-1672)" -> "1612"; 1 hop.
+  The new kinds name X by its first name no other entity has (`unique_names`; entities
+  without one are skipped), so a question has one subject.
+
+  Split by answer: the distinct first answers (lower-cased) are split with
+  `split_entities(seed, fractions)` and each question follows its first answer; then a
+  train or validation question sharing any answer (lower-cased) with a test question is
+  dropped, and a train question sharing one with a validation question. So no held-out answer
+  is ever trained on: a policy cannot score on the test split by memorising frequent answers
+  ("town", "England"), only by searching and reading. (A subject may appear in two splits
+  under different relations, e.g. its category in train and its location in test.) Within
+  each split the questions are shuffled with `seed`, so a prefix of a split
+  (`DataConfig.max_questions`) mixes the kinds.
+
+  Returns:
+    split -> questions (`Question.kind` is the kind; ids "wn1-", "wn2-", "wnc-", "wny-" +
+    the subject's offset).
+
+  Example:
+    >>> q = agent_questions(kinds=("wordnet_birth_year",))
+    >>> x = next(x for s in q.values() for x in s if x.qid == "wny-10808200")
+    >>> x.question, x.answers, x.supporting_doc_ids
+    ('In what year was John Adams born?', ('1735',), ('wn-10808200',))
+  """
+  unknown = sorted(set(kinds) - set(AGENT_KINDS))
+  if unknown or not kinds:
+    raise ValueError(f"kinds must be a non-empty subset of {AGENT_KINDS}, got {tuple(kinds)}")
+  if entities is None:
+    entities = load_wordnet_entities()
+  entities = tuple(entities)
+  located = wordnet_questions(entities, seed=seed, fractions=(1.0, 0.0, 0.0))
+  questions = [q for q in located.qa["train"] if q.kind in kinds]
+  names = unique_names(entities)
+  for e in entities:
+    name = names.get(e.doc_id)
+    if name is None:
+      continue
+    offset = e.doc_id.removeprefix("wn-")
+    if CATEGORY_KIND in kinds and e.instance_of:
+      template = ("What was {}'s occupation?" if e.lex_file == "noun.person" else
+                  "What kind of place is {}?" if e.lex_file in PLACE_LEX_FILES else
+                  "What kind of thing is {}?")
+      questions.append(Question(
+          qid=f"wnc-{offset}", question=template.format(name), answers=tuple(e.instance_of),
+          supporting_doc_ids=(e.doc_id,), hops=1, search_queries=(name,), bridge_answers=(),
+          kind=CATEGORY_KIND))
+    year = birth_year(e) if BIRTH_YEAR_KIND in kinds else None
+    if year is not None:
+      questions.append(Question(
+          qid=f"wny-{offset}", question=f"In what year was {name} born?", answers=(year,),
+          supporting_doc_ids=(e.doc_id,), hops=1, search_queries=(name,), bridge_answers=(),
+          kind=BIRTH_YEAR_KIND))
+  split_of = split_entities(sorted({q.answers[0].lower() for q in questions}), seed=seed,
+                            fractions=fractions)
+  by_split: dict[str, list[Question]] = {s: [] for s in SPLITS}
+  for q in questions:
+    by_split[split_of[q.answers[0].lower()]].append(q)
+
+  def answers_of(qs):
+    return {a.lower() for q in qs for a in q.answers}
+
+  held = answers_of(by_split["test"])
+  by_split["validation"] = [q for q in by_split["validation"]
+                            if not answers_of([q]) & held]
+  held |= answers_of(by_split["validation"])
+  by_split["train"] = [q for q in by_split["train"] if not answers_of([q]) & held]
+  rng = np.random.default_rng(seed)
+  return {s: tuple(by_split[s][i] for i in rng.permutation(len(by_split[s]))) for s in SPLITS}

@@ -372,3 +372,91 @@ class ShippedAssetTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+def _entity(doc_id, names, text, *, lex="noun.location", located_in=(), instance_of=()):
+  return wn.WordNetEntity(doc_id=doc_id, title=names[0], text=text, names=tuple(names),
+                          located_in=tuple(located_in), instance_of=tuple(instance_of),
+                          hypernym_path=(), lex_file=lex)
+
+
+# Xtown -> Yland -> Zcont (located-in); two people sharing the name "Ames"; a third person
+# whose only name is shared; a book.
+AGENT_ENTITIES = (
+    _entity("wn-1", ["Ames", "Ann Ames"], "English poet (1612-1672)", lex="noun.person",
+            instance_of=["poet"]),
+    _entity("wn-2", ["Ames", "Bo Ames"], "Greek painter (384-322 BC)", lex="noun.person",
+            instance_of=["painter"]),
+    _entity("wn-3", ["Ames"], "a sculptor (1900-1950)", lex="noun.person",
+            instance_of=["sculptor"]),
+    _entity("wn-4", ["Xtown"], "a town in Yland", located_in=["wn-5"], instance_of=["town"]),
+    _entity("wn-5", ["Yland", "Ylandia"], "a country in Zcont", located_in=["wn-6"],
+            instance_of=["country"]),
+    _entity("wn-6", ["Zcont"], "a continent", instance_of=["continent"]),
+    _entity("wn-7", ["Book of Q"], "a book of the testament (1100-1200)",
+            lex="noun.communication", instance_of=["book"]),
+)
+
+
+class AgentQuestionsTest(absltest.TestCase):
+
+  def test_every_kind_by_hand(self):
+    q = wn.agent_questions(AGENT_ENTITIES, fractions=(1.0, 0.0, 0.0))
+    self.assertEqual(q["validation"], ())
+    self.assertEqual(q["test"], ())
+    got = {x.qid: (x.question, x.answers, x.supporting_doc_ids, x.hops, x.search_queries,
+                   x.bridge_answers, x.kind) for x in q["train"]}
+    self.assertEqual(got, {
+        "wn1-4": ("What is Xtown located in?", ("Yland", "Ylandia"), ("wn-4",), 1,
+                  ("Xtown",), (), "wordnet_located_in"),
+        "wn1-5": ("What is Yland located in?", ("Zcont",), ("wn-5",), 1, ("Yland",), (),
+                  "wordnet_located_in"),
+        "wn2-4": ("Xtown is in a place that is part of what?", ("Zcont",), ("wn-4", "wn-5"), 2,
+                  ("Xtown", "Yland"), ("Yland",), "wordnet_located_in_2hop"),
+        # Named by their first unique name; wn-3 has none and is skipped.
+        "wnc-1": ("What was Ann Ames's occupation?", ("poet",), ("wn-1",), 1, ("Ann Ames",),
+                  (), "wordnet_category"),
+        "wnc-2": ("What was Bo Ames's occupation?", ("painter",), ("wn-2",), 1, ("Bo Ames",),
+                  (), "wordnet_category"),
+        "wnc-4": ("What kind of place is Xtown?", ("town",), ("wn-4",), 1, ("Xtown",), (),
+                  "wordnet_category"),
+        "wnc-5": ("What kind of place is Yland?", ("country",), ("wn-5",), 1, ("Yland",), (),
+                  "wordnet_category"),
+        "wnc-6": ("What kind of place is Zcont?", ("continent",), ("wn-6",), 1, ("Zcont",), (),
+                  "wordnet_category"),
+        "wnc-7": ("What kind of thing is Book of Q?", ("book",), ("wn-7",), 1, ("Book of Q",),
+                  (), "wordnet_category"),
+        # Only people get birth years; a BC span is left out.
+        "wny-1": ("In what year was Ann Ames born?", ("1612",), ("wn-1",), 1, ("Ann Ames",), (),
+                  "wordnet_birth_year"),
+    })
+
+  def test_kinds_filter_and_bad_kind(self):
+    q = wn.agent_questions(AGENT_ENTITIES, kinds=("wordnet_birth_year",),
+                           fractions=(1.0, 0.0, 0.0))
+    self.assertEqual([x.qid for x in q["train"]], ["wny-1"])
+    with self.assertRaisesRegex(ValueError, "wordnet_birthday"):
+      wn.agent_questions(AGENT_ENTITIES, kinds=("wordnet_birthday",))
+
+  def test_birth_year_and_unique_names(self):
+    self.assertEqual([wn.birth_year(e) for e in AGENT_ENTITIES],
+                     ["1612", None, "1900", None, None, None, None])
+    self.assertEqual(wn.unique_names(AGENT_ENTITIES), {
+        "wn-1": "Ann Ames", "wn-2": "Bo Ames", "wn-4": "Xtown", "wn-5": "Yland",
+        "wn-6": "Zcont", "wn-7": "Book of Q"})
+
+  def test_shipped_split_never_trains_on_a_held_out_answer(self):
+    q = wn.agent_questions(seed=0)
+    answers = {s: {a.lower() for x in qs for a in x.answers} for s, qs in q.items()}
+    self.assertEmpty(answers["train"] & answers["test"])
+    self.assertEmpty(answers["train"] & answers["validation"])
+    self.assertEmpty(answers["validation"] & answers["test"])
+    for split, qs in q.items():
+      self.assertEqual({x.kind for x in qs}, set(wn.AGENT_KINDS), split)
+      self.assertGreater(len(qs), 1000, split)
+    by_id = {e.doc_id: e for e in wn.load_wordnet_entities()}
+    for x in (x for qs in q.values() for x in qs if x.kind == wn.BIRTH_YEAR_KIND):
+      self.assertIn(f"({x.answers[0]}-", by_id[x.supporting_doc_ids[0]].text)
+    # The split is a function of the seed; the kinds are mixed in every prefix.
+    self.assertEqual(q, wn.agent_questions(seed=0))
+    self.assertLen({x.kind for x in q["test"][:40]}, 4)

@@ -13,6 +13,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from jaxsearch.data import demos
+from jaxsearch.data import wordnet
 from jaxsearch.data.qa_files import QA_KIND, QAFormatError, QAWorld
 from jaxsearch.retrieval.corpus import CorpusFormatError
 from jaxsearch.rewards.qa import extract_answer
@@ -57,6 +58,11 @@ class DataConfigTest(parameterized.TestCase):
       ("tfds_spec", dict(qa_train="tfds:natural_questions_open", corpus="c.jsonl"),
        "qa_train must be 'tfds:NAME:SPLIT'.* got 'tfds:natural_questions_open'"),
       ("not_a_string", dict(qa_train=3, corpus="c"), "qa_train must be a string .* got 3"),
+      ("max_eval_questions", dict(max_eval_questions=-3), "max_eval_questions must be >= 0"),
+      ("wordnet_kind", dict(wordnet_kinds=("wordnet_birthday",)),
+       "wordnet_kinds must be some of .* unknown \\['wordnet_birthday'\\]"),
+      ("wordnet_and_files", dict(wordnet_kinds=("wordnet_category",), qa_train="t.jsonl",
+                                 corpus="c.jsonl"), "leave qa_\\* and corpus empty"),
   )
   def test_bad_value_is_named(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -65,6 +71,47 @@ class DataConfigTest(parameterized.TestCase):
   def test_default_is_the_embedded_world(self):
     self.assertFalse(DataConfig().from_files)
     self.assertFalse(isinstance(load_world(RunConfig()), QAWorld))
+
+
+class WordNetWorldTest(absltest.TestCase):
+
+  def test_documents_questions_and_eval_limit(self):
+    kinds = ("wordnet_birth_year", "wordnet_located_in_2hop")
+    full = wordnet.agent_questions(kinds=kinds, seed=1)
+    world = load_world(RunConfig(data=DataConfig(wordnet_kinds=kinds, wordnet_split_seed=1,
+                                                 max_eval_questions=7)))
+    self.assertIsInstance(world, QAWorld)
+    entities = wordnet.load_wordnet_entities()
+    self.assertEqual([(d.doc_id, d.title, d.text) for d in world.documents],
+                     [(e.doc_id, e.title, e.text) for e in entities])
+    # The limit cuts the held-out splits only; RL draws from the whole train split.
+    self.assertEqual(world.splits["train"], full["train"])
+    self.assertEqual(world.splits["test"], full["test"][:7])
+    self.assertEqual(world.splits["validation"], full["validation"][:7])
+    # The teacher's guesses come from the train split's answers of the same kind only.
+    self.assertEqual(set(world.answer_values("wordnet_birth_year")),
+                     {a for q in full["train"] if q.kind == "wordnet_birth_year"
+                      for a in q.answers})
+    with self.assertRaisesRegex(ValueError, "no train question of kind 'qa'"):
+      world.answer_values(QA_KIND)
+    # The supporting documents are the world's (support recall counts them), shown titled.
+    for q in world.splits["test"]:
+      doc = world.documents[world.doc_index(q.supporting_doc_ids[0])]
+      self.assertEqual(passage_text(doc), f"{doc.title}: {doc.text}")
+      if q.kind == "wordnet_birth_year":
+        self.assertIn(f"({q.answers[0]}-", doc.text)
+
+  def test_embedded_world_eval_limit(self):
+    world = load_world(RunConfig(data=DataConfig(max_eval_questions=5)))
+    self.assertLen(world.splits["test"], 5)
+    self.assertGreater(len(world.splits["train"]), 5)
+
+  def test_baselines_are_checked(self):
+    with self.assertRaisesRegex(ValueError, "baselines must be some of .*\\['oracle'\\]"):
+      RunConfig(baselines=("direct", "oracle"))
+    from jaxsearch.programs.search_agent import loop  # noqa: PLC0415
+    from jaxsearch.programs.search_agent.experiment import BASELINE_NAMES  # noqa: PLC0415
+    self.assertEqual(tuple(loop.BASELINES), BASELINE_NAMES)
 
 
 class FileWorldTest(absltest.TestCase):

@@ -54,10 +54,29 @@ def completions_text(rollout: Rollout, prompt_lens: np.ndarray, tokenizer: Any) 
           for i in range(tokens.shape[0])]
 
 
+def answer_completion(completion: str) -> str:
+  """A completion of a prompt that ended with the opening `<answer>` tag (the direct and RAG
+  baselines), as a scorable answer: the tag written back in front, and the answer closed at
+  the end of the turn when the model ended it without `</answer>` (an instruction model
+  often does), so the answer is the text it wrote.
+
+  Example:
+    >>> answer_completion(" Lisbon"), answer_completion(" Lisbon </answer> more")
+    ('<answer> Lisbon</answer>', '<answer> Lisbon </answer> more')
+  """
+  if "</answer>" in completion:
+    return "<answer>" + completion
+  return "<answer>" + completion.rstrip() + "</answer>"
+
+
 def score_rollout(rollout: Rollout, prompt_lens: np.ndarray, golds: Sequence[Sequence[str]],
-                  tokenizer: Any, reward_fn) -> ScoredBatch:
+                  tokenizer: Any, reward_fn, *, answer_open: bool = False) -> ScoredBatch:
+  """Decodes and rewards a rollout; with `answer_open` (the prompts ended with `<answer>`)
+  each completion goes through `answer_completion` first."""
   rollout = jax.tree.map(np.asarray, rollout)
   completions = completions_text(rollout, prompt_lens, tokenizer)
+  if answer_open:
+    completions = [answer_completion(c) for c in completions]
   total, parts = reward_fn(completions, golds)
   return ScoredBatch(rollout, completions, np.asarray(total, np.float32),
                      {k: np.asarray(v, np.float32) for k, v in parts.items()})
@@ -301,7 +320,8 @@ def evaluate(exp, params: PyTree, questions: Sequence[Question], rng: jax.Array,
     # Collective on several processes (the rollout is split over the batch axes).
     rollout = jax.tree.map(lambda x: x[:n], distributed.to_host(rollout))
     scored_parts.append(score_rollout(rollout, lens[:n], [q.answers for q in chunk],
-                                      exp.tokenizer, exp.reward_fn))
+                                      exp.tokenizer, exp.reward_fn,
+                                      answer_open=method != "agent"))
   merged = ScoredBatch(
       rollout=jax.tree.map(lambda *xs: np.concatenate(xs), *(s.rollout for s in scored_parts)),
       completions=[c for s in scored_parts for c in s.completions],

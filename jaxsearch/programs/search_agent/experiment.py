@@ -31,6 +31,7 @@ from jaxsearch.data import demos
 from jaxsearch.data import prompts as prompts_lib
 from jaxsearch.data.prompts import PromptConfig
 from jaxsearch.data import qa_files
+from jaxsearch.data import wordnet
 from jaxsearch.data.tokenizer import SentencePieceTokenizer
 from jaxsearch.data.world import SPLITS, Document, World, WorldConfig, build_world
 from jaxsearch.models import lora as lora_lib
@@ -84,9 +85,17 @@ class DataConfig:
     corpus: Search-R1 corpus JSONL[.gz], `{"id", "contents"}` or `{"id", "title", "text"}`.
     tfds_data_dir: where "tfds:" splits were prepared ("": TFDS's default directory).
     max_questions: keep the first this many questions of each split (0: all).
+    max_eval_questions: then keep the first this many of the validation and test splits
+      (0: all): evaluation is cheaper while RL draws from the whole train split.
     max_passage_tokens: cut every passage to this many tokens where it is indexed and shown
       in `<information>` (0: whole passages; the block of `top_k` passages must fit in
       `RolloutConfig.max_len` with the prompt). Applies to the embedded world too.
+    wordnet_kinds: instead of files, the shipped WordNet world: the 7,730 named-entity
+      glosses as the corpus (title: gloss) and `jaxsearch.data.wordnet.agent_questions` of
+      these kinds (e.g. ("wordnet_located_in", "wordnet_category")), split by answer so no
+      held-out answer is a training answer; questions carry their supporting documents.
+    wordnet_split_seed: the seed of that split (fixed apart from `RunConfig.seed`, so runs
+      with different seeds are evaluated on the same questions).
   """
 
   # Paths (field metadata "path"): run_config.json records them absolute.
@@ -96,14 +105,26 @@ class DataConfig:
   corpus: str = dataclasses.field(default="", metadata={"path": True})
   tfds_data_dir: str = dataclasses.field(default="", metadata={"path": True})
   max_questions: int = 0
+  max_eval_questions: int = 0
   max_passage_tokens: int = 0
+  wordnet_kinds: tuple[str, ...] = ()
+  wordnet_split_seed: int = 0
 
   def __post_init__(self):
+    if self.wordnet_kinds:
+      unknown = sorted(set(self.wordnet_kinds) - set(wordnet.AGENT_KINDS))
+      if unknown:
+        raise ValueError(f"DataConfig.wordnet_kinds must be some of {wordnet.AGENT_KINDS}, "
+                         f"got unknown {unknown}")
+      if self.qa_train or self.corpus:
+        raise ValueError("DataConfig.wordnet_kinds builds the WordNet world; leave qa_* and "
+                         f"corpus empty (got qa_train={self.qa_train!r}, "
+                         f"corpus={self.corpus!r})")
     for name in ("qa_train", "qa_validation", "qa_test", "corpus", "tfds_data_dir"):
       if not isinstance(getattr(self, name), str):
         raise ValueError(f"DataConfig.{name} must be a string (a path), got "
                          f"{getattr(self, name)!r}")
-    for name in ("max_questions", "max_passage_tokens"):
+    for name in ("max_questions", "max_eval_questions", "max_passage_tokens"):
       if getattr(self, name) < 0:
         raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
     if (self.qa_validation or self.qa_test or self.corpus) and not self.qa_train:
@@ -120,7 +141,7 @@ class DataConfig:
 
   @property
   def from_files(self) -> bool:
-    """Whether the run reads files (otherwise it builds the embedded world)."""
+    """Whether the run reads files (otherwise it builds the embedded or WordNet world)."""
     return bool(self.qa_train)
 
 
@@ -151,8 +172,22 @@ def load_world(config: RunConfig) -> World:
     ...     qa_train="nq/train.jsonl", corpus="wiki.jsonl"), eval_split="train"))  # doctest: +SKIP
   """
   data = config.data
-  if not data.from_files:
-    return build_world(config.world)
+  if data.wordnet_kinds:
+    world = wordnet_world(data.wordnet_kinds, seed=data.wordnet_split_seed,
+                          max_questions=data.max_questions)
+  elif not data.from_files:
+    world = build_world(config.world)
+  else:
+    world = _file_world(config)
+  if data.max_eval_questions:
+    world = dataclasses.replace(world, splits={
+        s: qs if s == "train" else qs[:data.max_eval_questions]
+        for s, qs in world.splits.items()})
+  return world
+
+
+def _file_world(config: RunConfig) -> World:
+  data = config.data
   corpus = load_search_r1_corpus(data.corpus)
   documents = [Document(i, t, x) for i, t, x in zip(corpus.ids, corpus.titles, corpus.texts)]
   specs = dict(zip(SPLITS, (data.qa_train, data.qa_validation, data.qa_test)))
@@ -166,6 +201,27 @@ def load_world(config: RunConfig) -> World:
       raise ValueError(f"{why} needs the {split!r} split but DataConfig.qa_{split} is empty: "
                        f"set it, or set RunConfig.eval_split to one of {sorted(splits)}")
   return qa_files.make_qa_world(documents, splits)
+
+
+BASELINE_NAMES = ("zero_shot", "direct", "rag")   # RunConfig.baselines (loop.BASELINES)
+
+
+def wordnet_world(kinds, *, seed: int = 0, max_questions: int = 0) -> World:
+  """The WordNet world (`DataConfig.wordnet_kinds`): entity glosses as documents (title =
+  the entity's first name) and `wordnet.agent_questions(kinds, seed)`, the first
+  `max_questions` of each split (0: all).
+
+  Example:
+    >>> world = wordnet_world(("wordnet_birth_year",), max_questions=100)
+    >>> len(world.documents), len(world.splits["test"])
+    (7730, 100)
+  """
+  entities = wordnet.load_wordnet_entities()
+  documents = [Document(e.doc_id, e.title, e.text) for e in entities]
+  splits = wordnet.agent_questions(entities, kinds=tuple(kinds), seed=seed)
+  if max_questions:
+    splits = {s: qs[:max_questions] for s, qs in splits.items()}
+  return qa_files.QAWorld(WorldConfig(), tuple(documents), splits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -278,6 +334,10 @@ class RunConfig:
     eval_batch_size: episodes per evaluation rollout call.
     eval_every: evaluate on the validation split every this many RL steps (0: never).
     checkpoint_every: save a checkpoint every this many steps of each phase (and at its end).
+    baselines: evaluations of the initial policy before any training, reported in the
+      summary as `{name}_em` ...: "zero_shot" (the agent's prompt: a pretrained model
+      prompted to search), "direct" (the closed-book prompt: answer without searching) and
+      "rag" (retrieve with the question, the passages in the prompt, answer once).
     sft: warm-start settings.
     rl: RL settings.
     mesh: the device mesh (default: data parallel over every device).
@@ -300,6 +360,7 @@ class RunConfig:
   eval_batch_size: int = 200
   eval_every: int = 0
   checkpoint_every: int = 100
+  baselines: tuple[str, ...] = ()
   sft: SFTConfig = SFTConfig()
   rl: RLConfig = RLConfig()
   mesh: MeshConfig = MeshConfig()
@@ -310,6 +371,10 @@ class RunConfig:
                        f"{self.protocol!r}")
     if self.eval_split not in ("train", "validation", "test"):
       raise ValueError(f"RunConfig.eval_split must be train/validation/test, got {self.eval_split!r}")
+    unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
+    if unknown:
+      raise ValueError(f"RunConfig.baselines must be some of {BASELINE_NAMES}, got unknown "
+                       f"{unknown}")
     for name in ("eval_batch_size", "checkpoint_every", "tokenizer_vocab_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")

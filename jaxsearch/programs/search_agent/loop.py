@@ -110,12 +110,16 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   logging.info("mesh %s; policy parameters: %d", dict(mesh.shape),
                sum(x.size for x in jax.tree.leaves(params)))
   first_step_done = trainer.once(after_first_step)
-  # 1. Warm start.
-  sft_params = warm_start(exp, params, specs, workdir, writer, first_step_done, mesh)
-  # 2. Baselines on the held-out split, with the warm-started policy.
   questions = exp.world.splits[config.eval_split]
   eval_rng = jax.random.fold_in(rng, 2)
   summary = {}
+  # 0. Baselines of the initial (pretrained) policy, before any training.
+  for name in config.baselines:
+    summary.update(_cached_eval(exp, params, questions, eval_rng, workdir, name, writer,
+                                step=0, **BASELINES[name]))
+  # 1. Warm start.
+  sft_params = warm_start(exp, params, specs, workdir, writer, first_step_done, mesh)
+  # 2. Baselines on the held-out split, with the warm-started policy.
   for name, kwargs in (("closed_book", dict(closed_book=True)), ("sft", {})):
     summary.update(_cached_eval(exp, sft_params, questions, eval_rng, workdir, name, writer,
                                 step=config.sft.steps, **kwargs))
@@ -129,6 +133,10 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   trainer.write_summary(workdir, summary, writer)
   return summary
 
+
+# `RunConfig.baselines`: evaluations of the initial policy (before the warm start).
+BASELINES = {"zero_shot": dict(method="agent"), "direct": dict(method="direct"),
+             "rag": dict(method="rag")}
 
 # What must agree between a run and the `init_from` run whose SFT it takes (RunConfig fields).
 WARM_START_FIELDS = ("world", "data", "tokenizer_vocab_size", "model", "pretrained", "sft")
