@@ -27,8 +27,10 @@ The steps are the ones training runs:
 
 The state is the one `loop.train_rl` builds: bfloat16 parameters and compute, AdamW
 (`optim.make_optimizer`) with float32 moments (`OptimizerConfig(state_dtype="float32")`),
-`remat="full"`, `scan_layers=True`; parameters and optimizer state sharded by their logical
-axis names (`sharding.DEFAULT_RULES`). Modes:
+`remat="full"`, `scan_layers=True`, log-probs from `Transformer.token_scores` with the output
+head over 512 positions at a time (`logits_chunk`; `--logits_chunk 0` gives the whole
+sequence's `[T, V]` logits at once, the table before chunking); parameters and optimizer
+state sharded by their logical axis names (`sharding.DEFAULT_RULES`). Modes:
   full: every weight trained; the KL reference is a second (frozen, bfloat16) copy of the
         weights in `RLState.ref_params`;
   lora: rank-16 adapters (alpha 32) on all seven projections (q, k, v, o, gate, up, down;
@@ -54,7 +56,7 @@ Models: Qwen2.5-0.5B / 1.5B / 3B / 7B as their Hugging Face config.json give the
 
 Rows (`--json OUT` writes them; stdout prints them, or a markdown table with `--markdown`):
   {"model", "params", "trainable_params", "mode", "step", "mesh", "devices", "mesh_shape",
-   "batch", "micro_batch_size", "seq_len", "argument_gib", "temp_gib", "output_gib",
+   "batch", "micro_batch_size", "seq_len", "logits_chunk", "argument_gib", "temp_gib", "output_gib",
    "alias_gib", "total_gib", "fits_80gb_h100", "fits_16gb_v5e", "compile_s",
    "same_program_as", "error"}
   Bytes are per device, GiB (2^30): arguments (state + batch shards), temporaries, outputs,
@@ -114,6 +116,7 @@ STEPS = ("grpo", "sft")
 LORA_RANK, LORA_ALPHA = 16, 32.0
 NUM_GENERATIONS = 8   # G; questions per step = batch / G
 KL_COEF = 0.001       # Search-R1's KL weight (any value > 0 gives the same program)
+LOGITS_CHUNK = 512    # positions per output-head chunk (TransformerConfig.logits_chunk)
 
 
 def mesh_spec(name: str) -> dict:
@@ -133,14 +136,15 @@ def mesh_spec(name: str) -> dict:
   return spec
 
 
-def transformer_kwargs(name: str, seq_len: int) -> dict:
+def transformer_kwargs(name: str, seq_len: int, logits_chunk: int = 0) -> dict:
   """`TransformerConfig` kwargs of a `MODELS` entry (or "smoke"): bf16 params and compute,
-  full remat, scanned layers."""
+  full remat, scanned layers, the output head over `logits_chunk` positions at a time (0:
+  the whole sequence's logits at once)."""
   d, f, layers, heads, kv, vocab, tied = SMOKE_MODEL if name == "smoke" else MODELS[name]
   return dict(vocab_size=vocab, d_model=d, mlp_dim=f, num_layers=layers, num_heads=heads,
               num_kv_heads=kv, tie_embeddings=tied, qkv_bias=True, rope_theta=1e6,
               norm_eps=1e-6, max_len=seq_len, dtype="bfloat16", param_dtype="bfloat16",
-              remat="full", scan_layers=True)
+              remat="full", scan_layers=True, logits_chunk=logits_chunk)
 
 
 def _abstract_train_state(abstract_params, specs, *, apply_fn, tx, mesh, rules):
@@ -168,7 +172,7 @@ def _abstract_train_state(abstract_params, specs, *, apply_fn, tx, mesh, rules):
 
 
 def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch: int,
-                micro_batch_size: int, seq_len: int) -> dict:
+                micro_batch_size: int, seq_len: int, logits_chunk: int = LOGITS_CHUNK) -> dict:
   """AOT-compiles one (model, mode, step, mesh) and returns its row (bytes per device)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -197,13 +201,18 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
   if micro and batch % micro:
     raise ValueError(f"micro-batch {micro} does not divide the batch {batch}")
 
-  config = TransformerConfig(**transformer_kwargs(model_name, seq_len))
+  config = TransformerConfig(**transformer_kwargs(model_name, seq_len, logits_chunk))
   base_model = Transformer(config)
   model = (base_model if mode == "full" else
            lora.lora_model(base_model, lora.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA)))
 
   def apply_fn(variables, tokens):
     return model.apply(variables, tokens)
+
+  # What the runs use (`Experiment.score_fn`): log-probs from `Transformer.token_scores`,
+  # chunked over positions when `logits_chunk` > 0 (no [N, T, V] logits).
+  def score_fn(variables, tokens, targets):
+    return model.apply(variables, tokens, targets, method="token_scores")
 
   # Abstract init without the rules (as `Experiment._init_context` does for LoRA): only the
   # shapes and logical names are wanted.
@@ -233,12 +242,14 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
     rl_state = RLState(policy=state, critic=None, ref_params=ref)
     rl_sh = RLState(policy=state_sh, critic=None, ref_params=ref_sh)
     update = jit_rl_update(make_rl_update_fn(apply_fn, pg, norm_length=seq_len,
-                                             reference_params=reference_params), mesh, rl_sh)
+                                             reference_params=reference_params,
+                                             score_fn=score_fn), mesh, rl_sh)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     host_batch = RLBatch(tokens, mask, jax.ShapeDtypeStruct((batch,), jnp.float32), rows, rows)
     args = (rl_state, sharding.abstract_like(host_batch, bsh))
   else:
-    update = sharding.jit_sharded(make_sft_update_fn(apply_fn, micro_batch_size=micro),
+    update = sharding.jit_sharded(make_sft_update_fn(apply_fn, micro_batch_size=micro,
+                                                     score_fn=score_fn),
                                   (state_sh, bsh),
                                   sharding.state_and_metrics_shardings(state_sh, mesh),
                                   donate_argnums=0)
@@ -250,7 +261,7 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
       model=model_name, params=n_params, trainable_params=trainable, mode=mode, step=step,
       mesh=mesh_name, devices=int(report["num_devices"]),
       mesh_shape={k: int(v) for k, v in mesh.shape.items()}, batch=batch,
-      micro_batch_size=micro, seq_len=seq_len,
+      micro_batch_size=micro, seq_len=seq_len, logits_chunk=logits_chunk,
       argument_gib=report["argument_bytes"] / GIB, temp_gib=report["temp_bytes"] / GIB,
       output_gib=report["output_bytes"] / GIB, alias_gib=report["alias_bytes"] / GIB,
       total_gib=total, fits_80gb_h100=total <= H100_GIB, fits_16gb_v5e=total <= V5E_GIB,
@@ -270,7 +281,8 @@ def _failed_row(model, mode, step, mesh, args, error: str) -> dict:
   spec = mesh_spec(mesh)
   return dict(model=model, params=None, trainable_params=None, mode=mode, step=step, mesh=mesh,
               devices=spec["devices"], mesh_shape=None, batch=args.batch,
-              micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, argument_gib=None,
+              micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+              logits_chunk=args.logits_chunk, argument_gib=None,
               temp_gib=None, output_gib=None, alias_gib=None, total_gib=None,
               fits_80gb_h100=None, fits_16gb_v5e=None, compile_s=None, same_program_as=None,
               error=error)
@@ -303,7 +315,8 @@ def run_in_process(args, models, meshes, modes, steps) -> list[dict]:
   for model, mode, step, group in _configurations(models, meshes, modes, steps):
     try:
       row = compile_one(model, mode, step, group[0], batch=args.batch,
-                        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)
+                        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                        logits_chunk=args.logits_chunk)
     except Exception as e:  # noqa: BLE001 (recorded in the row, the table goes on)
       if args.strict:
         raise
@@ -321,7 +334,8 @@ def run_in_children(args, models, meshes, modes, steps) -> list[dict]:
       cmd = [sys.executable, os.path.abspath(__file__), "--models", model, "--meshes",
              ",".join(group), "--modes", mode, "--steps", step, "--batch",
              str(args.batch), "--micro_batch_size", str(args.micro_batch_size),
-             "--seq_len", str(args.seq_len), "--json", out, "--timeout_s", "0"]
+             "--seq_len", str(args.seq_len), "--logits_chunk", str(args.logits_chunk),
+             "--json", out, "--timeout_s", "0"]
       t0 = time.perf_counter()
       try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
@@ -419,6 +433,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--micro_batch_size", type=int, default=8,
                       help="episodes per micro-batch (0: the whole batch at once)")
   parser.add_argument("--seq_len", type=int, default=4096, help="tokens per episode")
+  parser.add_argument("--logits_chunk", type=int, default=LOGITS_CHUNK,
+                      help="positions per output-head chunk (0: whole-sequence logits)")
   parser.add_argument("--timeout_s", type=float, default=0.0,
                       help="> 0: compile each configuration in a child process and skip it "
                            "(a row with `error`) when it takes longer")

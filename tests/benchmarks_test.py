@@ -460,8 +460,8 @@ class MemoryTableBenchmarkTest(absltest.TestCase):
     full, lora = rows
     for r in rows:
       self.assertIsNone(r["error"])
-      self.assertEqual((r["devices"], r["batch"], r["micro_batch_size"], r["seq_len"]),
-                       (8, 16, 8, 64))
+      self.assertEqual((r["devices"], r["batch"], r["micro_batch_size"], r["seq_len"],
+                        r["logits_chunk"]), (8, 16, 8, 64, 512))
       self.assertEqual(r["mesh_shape"]["fsdp"], 8)
       self.assertGreaterEqual(r["total_gib"] + 1e-12,
                               r["argument_gib"] + r["output_gib"] - r["alias_gib"]
