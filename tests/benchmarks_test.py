@@ -606,3 +606,46 @@ class BM25SearchBenchmarkTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class DecodeRooflineBenchmarkTest(absltest.TestCase):
+  """`benchmarks/decode_roofline.py --smoke`: decode throughput against the bandwidth bound."""
+
+  def test_smoke_bytes_by_hand_and_roofline_arithmetic(self):
+    tmpdir = tempfile.mkdtemp()
+    out = os.path.join(tmpdir, "roofline.json")
+    script = os.path.join(REPO, "benchmarks", "decode_roofline.py")
+    proc = subprocess.run([sys.executable, script, "--smoke", "--hbm_gbps", "100", "--json", out],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    r = json.loads(proc.stdout)
+    with open(out) as f:
+      self.assertEqual(json.load(f), r)
+    # The smoke model: vocab 256, d 64, 2 layers, 4 heads / 2 KV heads (hd 16), MLP 128,
+    # tied embeddings (the default), fp32; batch 4, prompt 16, timed steps between 4 and 12
+    # new tokens.
+    v, d, layers, kv, hd, f = 256, 64, 2, 2, 16, 128
+    per_layer = d * d + 2 * d * kv * hd + d * d + 3 * d * f + 2 * d
+    self.assertEqual(r["params"], v * d + layers * per_layer + d)
+    self.assertEqual(r["param_bytes"], 4 * r["params"])
+    self.assertEqual(r["kv_bytes_per_step"], 2 * layers * 4 * kv * hd * 4 * (16 + (4 + 12) / 2))
+    self.assertEqual(r["bytes_per_step_allocated"] - r["param_bytes"],
+                     2 * layers * 4 * kv * hd * 4 * (16 + 12))
+    self.assertAlmostEqual(r["s_per_step"], (r["seconds"]["12"] - r["seconds"]["4"]) / 8)
+    self.assertAlmostEqual(r["roofline_tokens_per_s"], 4 * 100e9 / r["bytes_per_step"])
+    self.assertAlmostEqual(r["roofline_fraction"],
+                           r["decode_tokens_per_s"] / r["roofline_tokens_per_s"])
+    self.assertEqual(r["device"], "cpu: cpu")
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+  def test_bandwidth_by_device_kind(self):
+    spec = importlib.util.spec_from_file_location(
+        "decode_roofline", os.path.join(REPO, "benchmarks", "decode_roofline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    self.assertEqual(module.device_bandwidth("NVIDIA H200"), 4800.0)
+    self.assertEqual(module.device_bandwidth("NVIDIA H100 80GB HBM3"), 3350.0)
+    self.assertEqual(module.device_bandwidth("NVIDIA H100 PCIe"), 2000.0)
+    self.assertEqual(module.device_bandwidth("TPU v5 lite"), 819.0)
+    self.assertIsNone(module.device_bandwidth("cpu"))
