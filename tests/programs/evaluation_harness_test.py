@@ -19,6 +19,7 @@ from jaxsearch.data import qa_files
 from jaxsearch.data.qa_files import QAExample
 from jaxsearch.data.world import Document
 from jaxsearch.programs.search_agent import evaluate as eval_lib
+from jaxsearch.rewards.combine import weighted_rewards
 from jaxsearch.programs.search_agent import harness
 from jaxsearch.rollout.search_env import EpisodeStatus
 from jaxsearch.types import Rollout
@@ -190,6 +191,28 @@ class MetricsByHandTest(absltest.TestCase):
     self.assertAlmostEqual(em["f1"], 1.4 / 3)
     self.assertAlmostEqual(em["em_1hop"], 1 / 3)
     self.assertNotIn("em_2hop", em)
+
+  def test_open_answers_of_the_direct_and_rag_prompts(self):
+    # Prompts that end with <answer>: the answer runs to </answer> or to the end of the turn;
+    # format still asks for the model's own </answer>.
+    world, qs = _world_and_questions()
+
+    class Tok:
+      def decode(self, ids):
+        return {1: " Paris </answer>", 2: " It is Italy", 3: " Sweden, I think"}[ids[0]]
+
+    r = _scored().rollout._replace(tokens=np.array([[9, 1], [9, 2], [9, 3]], np.int32),
+                                   lengths=np.array([2, 2, 2], np.int32))
+    scored = eval_lib.score_rollout(r, np.array([1, 1, 1]), [q.answers for q in qs], Tok(),
+                                    weighted_rewards({"exact_match": 1.0, "format": 0.1}),
+                                    answer_open=True)
+    self.assertEqual(scored.answers, ["Paris", "It is Italy", "Sweden, I think"])
+    self.assertEqual(scored.completions[0], "<answer> Paris </answer>")
+    scores = eval_lib.episode_scores(scored, qs, world)
+    np.testing.assert_array_equal(scores["em"], [1, 0, 0])
+    np.testing.assert_array_equal(scores["subem"], [1, 1, 0])
+    np.testing.assert_array_equal(scores["format"], [1, 0, 0])
+    self.assertEqual(eval_lib.open_answer(" a </answer> b </answer>"), "a")
 
   def test_rag_context_documents_count_for_support(self):
     world, qs = _world_and_questions()

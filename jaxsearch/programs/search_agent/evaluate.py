@@ -45,6 +45,7 @@ class ScoredBatch:
   rewards: np.ndarray               # [N] float32 total reward
   parts: dict[str, np.ndarray]      # {name: [N]} unweighted reward parts
   context_doc_ids: np.ndarray | None = None   # [N, K] documents put in the prompt (RAG), -1 pad
+  answers: list[str] | None = None   # the answers scored, when not `extract_answer`'s (`open_answer`)
 
 
 def completions_text(rollout: Rollout, prompt_lens: np.ndarray, tokenizer: Any) -> list[str]:
@@ -54,32 +55,32 @@ def completions_text(rollout: Rollout, prompt_lens: np.ndarray, tokenizer: Any) 
           for i in range(tokens.shape[0])]
 
 
-def answer_completion(completion: str) -> str:
-  """A completion of a prompt that ended with the opening `<answer>` tag (the direct and RAG
-  baselines), as a scorable answer: the tag written back in front, and the answer closed at
-  the end of the turn when the model ended it without `</answer>` (an instruction model
-  often does), so the answer is the text it wrote.
+def open_answer(completion: str) -> str:
+  """The answer of a completion whose prompt ended with the opening `<answer>` tag (the direct
+  and RAG baselines): the text up to `</answer>`, or to the end of the turn when the model
+  ended it without the tag (an instruction model often does), stripped. Only EM / F1 / subem
+  read it; `format` still asks for the model's own `</answer>`.
 
   Example:
-    >>> answer_completion(" Lisbon"), answer_completion(" Lisbon </answer> more")
-    ('<answer> Lisbon</answer>', '<answer> Lisbon </answer> more')
+    >>> open_answer(" Lisbon"), open_answer(" Lisbon </answer> more")
+    ('Lisbon', 'Lisbon')
   """
-  if "</answer>" in completion:
-    return "<answer>" + completion
-  return "<answer>" + completion.rstrip() + "</answer>"
+  return completion.split("</answer>", 1)[0].strip()
 
 
 def score_rollout(rollout: Rollout, prompt_lens: np.ndarray, golds: Sequence[Sequence[str]],
                   tokenizer: Any, reward_fn, *, answer_open: bool = False) -> ScoredBatch:
-  """Decodes and rewards a rollout; with `answer_open` (the prompts ended with `<answer>`)
-  each completion goes through `answer_completion` first."""
+  """Decodes and rewards a rollout. With `answer_open` (the prompts ended with `<answer>`)
+  the tag is written back in front of each completion and `answers` holds `open_answer`'s."""
   rollout = jax.tree.map(np.asarray, rollout)
   completions = completions_text(rollout, prompt_lens, tokenizer)
+  answers = None
   if answer_open:
-    completions = [answer_completion(c) for c in completions]
+    answers = [open_answer(c) for c in completions]
+    completions = ["<answer>" + c for c in completions]
   total, parts = reward_fn(completions, golds)
   return ScoredBatch(rollout, completions, np.asarray(total, np.float32),
-                     {k: np.asarray(v, np.float32) for k, v in parts.items()})
+                     {k: np.asarray(v, np.float32) for k, v in parts.items()}, answers=answers)
 
 
 def answer_contains_gold(prediction: str | None, golds: Sequence[str]) -> float:
@@ -126,7 +127,8 @@ def episode_scores(scored: ScoredBatch, questions: Sequence[Question], world
                    ) -> dict[str, np.ndarray]:
   """Per-episode scores, `{column: [N] float64}` for every name of `SCORE_COLUMNS`.
 
-  em / f1 / subem compare the extracted answer with the gold answers (`exact_match`, `f1`,
+  em / f1 / subem compare the extracted answer (`scored.answers` when set: the direct and
+  RAG baselines' `open_answer`) with the gold answers (`exact_match`, `f1`,
   `answer_contains_gold`); format is `format_score` of the completion; searches and
   invalid_searches count the policy's search calls; answered / truncated are 0/1 by the
   episode's status; support_recall is `support_found` of the documents the policy retrieved
@@ -136,7 +138,8 @@ def episode_scores(scored: ScoredBatch, questions: Sequence[Question], world
   if len(questions) != len(scored.completions):
     raise ValueError(f"{len(scored.completions)} episodes but {len(questions)} questions")
   r = scored.rollout
-  answers = [extract_answer(c) for c in scored.completions]
+  answers = (scored.answers if scored.answers is not None
+             else [extract_answer(c) for c in scored.completions])
   golds = [q.answers for q in questions]
   n = len(questions)
   retrieved = np.asarray(r.retrieved).reshape(n, -1)
@@ -327,7 +330,8 @@ def evaluate(exp, params: PyTree, questions: Sequence[Question], rng: jax.Array,
       completions=[c for s in scored_parts for c in s.completions],
       rewards=np.concatenate([s.rewards for s in scored_parts]),
       parts={k: np.concatenate([s.parts[k] for s in scored_parts]) for k in scored_parts[0].parts},
-      context_doc_ids=context)
+      context_doc_ids=context,
+      answers=(None if method == "agent" else [a for s in scored_parts for a in s.answers]))
   return episode_metrics(merged, questions, exp.world), merged
 
 
