@@ -19,7 +19,8 @@ from jaxsearch.retrieval.corpus import CorpusFormatError
 from jaxsearch.rewards.qa import extract_answer
 from jaxsearch.programs.search_agent import evaluate as eval_lib
 from jaxsearch.programs.search_agent import workdir as workdir_lib
-from jaxsearch.programs.search_agent.experiment import DataConfig, RunConfig, load_world, passage_text, setup
+from jaxsearch.programs.search_agent.experiment import (DataConfig, RunConfig, load_world,
+                                                        passage_lead, passage_text, setup)
 
 PASSAGES = [
     ("p-hamlet", "Hamlet", "Hamlet is a tragedy written by Shakespeare around 1600."),
@@ -208,3 +209,28 @@ class AnswerRecallTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class PassageLeadTest(absltest.TestCase):
+  """Passages are tokenized the way the policy spells its queries (`passage_lead`)."""
+
+  def test_byte_level_bpe_gets_a_leading_space(self):
+    from jaxsearch.data import prompts as prompts_lib  # noqa: PLC0415
+    from jaxsearch.models import gguf  # noqa: PLC0415
+    tok = gguf.load_gguf_tokenizer(gguf.smollm2_path())
+    self.assertEqual(passage_lead(tok, "text"), " ")
+    query = prompts_lib.search_query_ids(tok, "text", "Bontemps")
+    passage = "Bontemps: United States writer (1902-1973)"
+    # Without the lead the title's first token differs from the query's; with it, the
+    # passage starts with the query's very ids.
+    self.assertNotEqual(tok.encode(passage)[:len(query)], query)
+    self.assertEqual(tok.encode(passage_lead(tok, "text") + passage)[:len(query)], query)
+    # With one id per tag the query is encode(text): no lead.
+    self.assertEqual(passage_lead(tok, "special"), "")
+
+  def test_sentencepiece_gets_none(self):
+    from jaxsearch.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
+    world = load_world(RunConfig())
+    tok = SentencePieceTokenizer.train([d.text for d in world.documents][:300], vocab_size=512,
+                                       seed=0)
+    self.assertEqual(passage_lead(tok, "special"), "")
