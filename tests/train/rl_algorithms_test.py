@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import os
+from unittest import mock
 import tempfile
 
 import jax
@@ -371,6 +372,34 @@ class SharedWarmStartTest(absltest.TestCase):
     other = tempfile.mkdtemp()
     loop.share_warm_start(dataclasses.replace(target, eval_batch_size=8), other)
     self.assertFalse(os.path.exists(os.path.join(other, "eval_sft.json")))
+
+
+class NoDuplicateEvaluationTest(absltest.TestCase):
+
+  def test_untrained_phases_reuse_the_evaluation_of_the_same_parameters(self):
+    from jaxsearch.programs.search_agent import evaluate as eval_lib  # noqa: PLC0415
+    config = dataclasses.replace(
+        tiny_run_config(), baselines=("zero_shot", "direct"),
+        sft=dataclasses.replace(tiny_run_config().sft, steps=0),
+        rl=dataclasses.replace(tiny_run_config().rl, steps=0),
+        world=dataclasses.replace(TINY_WORLD, test_size=8))
+    calls = []
+    real = eval_lib.evaluate
+
+    def counting(exp, params, questions, rng, **kwargs):
+      calls.append(kwargs.get("method"))
+      return real(exp, params, questions, rng, **kwargs)
+
+    workdir = tempfile.mkdtemp()
+    with mock.patch.object(eval_lib, "evaluate", counting):
+      summary = loop.run(config, workdir)
+    # Nothing trained: one agent and one direct evaluation serve all five names.
+    self.assertEqual(sorted(calls), ["agent", "direct"])
+    for name, source in (("sft", "zero_shot"), ("rl", "zero_shot"), ("closed_book", "direct")):
+      for key in ("em", "f1", "searches", "support_recall", "format"):
+        self.assertEqual(summary[f"{name}_{key}"], summary[f"{source}_{key}"], (name, key))
+      with open(os.path.join(workdir, f"eval_{name}.json")) as f:
+        self.assertEqual(json.load(f)[f"{name}_em"], summary[f"{source}_em"])
 
 
 def _restore(workdir, phase, target):

@@ -113,20 +113,31 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   questions = exp.world.splits[config.eval_split]
   eval_rng = jax.random.fold_in(rng, 2)
   summary = {}
+  # Evaluations of the same parameters with the same method are done once (e.g. with
+  # sft.steps = 0 the SFT evaluation is the zero-shot one; with rl.steps = 0, RL's is SFT's).
+  done: dict[tuple[str, str], str] = {}
+  sft_phase = "sft" if config.sft.steps else "initial"
+  rl_phase = "rl" if config.rl.steps else sft_phase
+
+  def evaluate_once(name, p, phase, step, method):
+    source = done.setdefault((phase, method), name)
+    if source != name:
+      return _copied_eval(summary, source, name, workdir, writer, step=step)
+    return _cached_eval(exp, p, questions, eval_rng, workdir, name, writer, step=step,
+                        method=method)
+
   # 0. Baselines of the initial (pretrained) policy, before any training.
   for name in config.baselines:
-    summary.update(_cached_eval(exp, params, questions, eval_rng, workdir, name, writer,
-                                step=0, **BASELINES[name]))
+    summary.update(evaluate_once(name, params, "initial", 0, BASELINES[name]["method"]))
   # 1. Warm start.
   sft_params = warm_start(exp, params, specs, workdir, writer, first_step_done, mesh)
   # 2. Baselines on the held-out split, with the warm-started policy.
-  for name, kwargs in (("closed_book", dict(closed_book=True)), ("sft", {})):
-    summary.update(_cached_eval(exp, sft_params, questions, eval_rng, workdir, name, writer,
-                                step=config.sft.steps, **kwargs))
+  for name, method in (("closed_book", "direct"), ("sft", "agent")):
+    summary.update(evaluate_once(name, sft_params, sft_phase, config.sft.steps, method))
   # 3. RL from the warm start, with the warm start as the KL reference.
   rl_params = train_rl(exp, sft_params, specs, workdir, writer, first_step_done, mesh)
-  summary.update(_cached_eval(exp, rl_params, questions, eval_rng, workdir, "rl", writer,
-                              step=config.sft.steps + config.rl.steps))
+  summary.update(evaluate_once("rl", rl_params, rl_phase, config.sft.steps + config.rl.steps,
+                               "agent"))
   summary["wall_seconds"] = time.time() - t_start   # of this invocation (a resume is shorter)
   summary["eval_split"] = config.eval_split
   summary["num_eval_questions"] = len(questions)
@@ -217,6 +228,19 @@ def _cached_eval(exp: Experiment, params, questions, rng, workdir, name, writer,
                cached[f"{name}_support_recall"])
   say(f"[eval {name}] " + " ".join(f"{k}={v:.3f}" for k, v in sorted(cached.items())))
   return cached
+
+
+def _copied_eval(summary: dict[str, float], source: str, name: str, workdir, writer, *,
+                 step) -> dict[str, float]:
+  """Evaluation `source`'s figures under `name` (the same parameters, prompts and rng: nothing
+  was trained in between), written to `eval_{name}.json` like an evaluation of its own."""
+  prefix = f"{source}_"
+  copied = {f"{name}_{k[len(prefix):]}": v for k, v in summary.items() if k.startswith(prefix)}
+  copied[f"{name}_eval_seconds"] = 0.0
+  metrics_lib.write_json(os.path.join(workdir, f"eval_{name}.json"), copied)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in copied.items()})
+  say(f"[eval {name}] the same parameters and prompts as '{source}': its figures")
+  return copied
 
 
 def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done, mesh):
