@@ -83,7 +83,8 @@ def load(workdir=None, gin_files=(), gin_bindings=(), phase=None, step=None,
     return inspect_lib.load_agent(workdir, phase, step)
   if phase or step is not None:
     raise app.UsageError("--phase / --step name a workdir's checkpoint; pass --workdir")
-  config = inspect_lib.run_config_from_gin(gin_files, gin_bindings, (REPO_ROOT,))
+  from experiments.gin_agent import run_config_from_gin  # noqa: PLC0415
+  config = run_config_from_gin(gin_files, gin_bindings, (REPO_ROOT,))
   if qa_given and config.data.from_files and not config.data.max_questions:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_questions=1))
   return inspect_lib.load_pretrained_agent(config)

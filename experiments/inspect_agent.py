@@ -99,7 +99,8 @@ def main(argv):
     exp, params, where = inspect_lib.load_agent(FLAGS.workdir, FLAGS.phase, FLAGS.step)
   else:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = inspect_lib.run_config_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, (repo,))
+    from experiments.gin_agent import run_config_from_gin  # noqa: PLC0415
+    config = run_config_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, (repo,))
     exp, params, where = inspect_lib.load_pretrained_agent(config)
   print(f"agent: {FLAGS.workdir or ', '.join(FLAGS.gin_file)} ({where})", flush=True)
   kwargs = dict(passage_chars=FLAGS.passage_chars, closed_book=FLAGS.closed_book)

@@ -66,7 +66,7 @@ def prompt_ids(tokenizer: Any, question: Question, prompt: PromptConfig | None =
 def encode_prompts(
     tokenizer: Any, questions: Sequence[Question], *, closed_book: bool = False,
     prompt: PromptConfig | None = None, protocol: str = "special",
-    information: Sequence[Sequence[int]] | None = None, width: int | None = None,
+    information: Sequence[Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Tokenizes questions into right-padded prompts.
 
@@ -78,7 +78,6 @@ def encode_prompts(
     protocol: "special" or "text" (see `jaxsearch.data.prompts`).
     information: per question, the `<information>` block of the RAG baseline's prompt
       (None: no block).
-    width: pad to this many columns (None: the longest prompt).
 
   Returns:
     `(prompts [N, P] int32, lengths [N] int32)`, padded with `tokenizer.pad_id`.
@@ -89,7 +88,7 @@ def encode_prompts(
   blocks = [None] * len(questions) if information is None else information
   return pad_sequences([prompt_ids(tokenizer, q, prompt, protocol=protocol,
                                    closed_book=closed_book, information=b)
-                        for q, b in zip(questions, blocks)], tokenizer.pad_id, width)
+                        for q, b in zip(questions, blocks)], tokenizer.pad_id)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None

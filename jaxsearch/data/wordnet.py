@@ -695,10 +695,7 @@ def wordnet_questions(entities: Sequence[WordNetEntity] | None = None, *, seed: 
     raise ValueError("entities must have unique doc_ids")
   split_of = split_entities(list(by_id), seed=seed, fractions=fractions)
 
-  owners: dict[str, set[str]] = {}
-  for e in entities:
-    for n in e.names:
-      owners.setdefault(n.lower(), set()).add(e.doc_id)
+  names = unique_names(entities)
   descriptions = {e.doc_id: description(e) for e in entities}
   same_description: dict[str, list[str]] = {}
   for doc_id, d in descriptions.items():
@@ -710,7 +707,7 @@ def wordnet_questions(entities: Sequence[WordNetEntity] | None = None, *, seed: 
   for e in entities:
     split = split_of[e.doc_id]
     offset = e.doc_id.removeprefix("wn-")
-    name = next((n for n in e.names if owners[n.lower()] == {e.doc_id}), None)
+    name = names.get(e.doc_id)
     if name is not None:
       part = retrieval["name"][split]
       part.queries[f"name-{offset}"] = name
@@ -748,7 +745,7 @@ def unique_names(entities: Sequence[WordNetEntity]) -> dict[str, str]:
   """Entity id -> its first name that no other entity has (entities without one are left out).
 
   Example:
-    >>> unique_names(load_wordnet_entities())["wn-10799283"]   # "Adams" is ambiguous
+    >>> unique_names(load_wordnet_entities())["wn-10808200"]   # "Adams" is ambiguous
     'John Adams'
   """
   owners: dict[str, set[str]] = {}

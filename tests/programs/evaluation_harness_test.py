@@ -331,7 +331,8 @@ class PretrainedEndToEndTest(absltest.TestCase):
   def test_rag_prompt_holds_the_retrieved_block(self):
     from jaxsearch.data import demos  # noqa: PLC0415
     from jaxsearch.programs.search_agent import inspect_lib  # noqa: PLC0415
-    config = inspect_lib.run_config_from_gin(HF_GIN, self.bindings, (REPO,))
+    from experiments.gin_agent import run_config_from_gin  # noqa: PLC0415
+    config = run_config_from_gin(HF_GIN, self.bindings, (REPO,))
     exp, params, where = inspect_lib.load_pretrained_agent(config)
     self.assertIn("no training", where)
     self.assertEqual(exp.env.protocol, "text")

@@ -203,7 +203,9 @@ def _file_world(config: RunConfig) -> World:
   return qa_files.make_qa_world(documents, splits)
 
 
-BASELINE_NAMES = ("zero_shot", "direct", "rag")   # RunConfig.baselines (loop.BASELINES)
+# `RunConfig.baselines`: name -> the `evaluate` method run on the initial policy.
+BASELINES = {"zero_shot": "agent", "direct": "direct", "rag": "rag"}
+BASELINE_NAMES = tuple(BASELINES)
 
 
 def wordnet_world(kinds, *, seed: int = 0, max_questions: int = 0) -> World:
@@ -509,22 +511,16 @@ class Experiment:
       return self.model, params
     return self.base_model, lora_lib.merge_lora(params, self.config.lora)
 
-  def encode_prompts(self, questions, *, closed_book: bool = False,
-                     information: Sequence[Sequence[int]] | None = None,
-                     width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`(prompts [N, width] int32, lengths [N] int32)` of the agent's, the closed-book
-    baseline's or (with `information`, one retrieved block per question) the RAG baseline's
-    prompts (`jaxsearch.data.prompts`), right-padded to `width` (default `prompt_width`, the
-    longest agent / closed-book prompt of the world's questions; a RAG prompt is longer, so
-    its evaluation passes its own width, `evaluate.prompt_width_for`)."""
-    width = self.prompt_width if width is None else width
+  def encode_prompts(self, questions, *, closed_book: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`(prompts [N, prompt_width] int32, lengths [N] int32)` of the agent's or the
+    closed-book baseline's prompts (`jaxsearch.data.prompts`). The RAG baseline's prompts are
+    longer: `evaluate.evaluate` builds them with its own width (`evaluate.prompt_width_for`)."""
     prompts, lens = demos.encode_prompts(self.tokenizer, questions, closed_book=closed_book,
-                                         prompt=self.config.prompt, protocol=self.env.protocol,
-                                         information=information)
-    if prompts.shape[1] > width:
+                                         prompt=self.config.prompt, protocol=self.env.protocol)
+    if prompts.shape[1] > self.prompt_width:
       raise ValueError(f"a prompt has {prompts.shape[1]} tokens, more than the prompt width "
-                       f"{width}")
-    return np.pad(prompts, ((0, 0), (0, width - prompts.shape[1])),
+                       f"{self.prompt_width}")
+    return np.pad(prompts, ((0, 0), (0, self.prompt_width - prompts.shape[1])),
                   constant_values=self.tokenizer.pad_id), lens
 
   def respond(self, queries: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -565,8 +561,8 @@ def passage_lead(tokenizer: Any, protocol: str) -> str:
   SmolLM2, 400 train questions of `gin/experiments/wordnet_agent.gin`: the ideal first
   query, the entity's name, found its gloss in the top 2 for 46% of them without the lead,
   81% with it; the second hop's 23% and 55%). With the lead, a passage's words are
-  tokenized as the policy writes them in queries. SentencePiece (the world model's tokenizer) and the "special" protocol's queries
-  need none ("").
+  tokenized as the policy writes them in queries. SentencePiece (the world model's
+  tokenizer) and the "special" protocol's queries need none ("").
 
   Example:
     >>> passage_lead(smollm2_tokenizer, "text"), passage_lead(world_tokenizer, "special")  # doctest: +SKIP

@@ -98,41 +98,6 @@ def load_agent(workdir: str, phase: str | None = None,
   return exp, params, f"{phase} step {step}"
 
 
-LOOP_CONFIG = "jaxsearch.programs.search_agent.loop.run.config"
-
-
-def run_config_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (),
-                        search_paths: Sequence[str] = ()):
-  """The `RunConfig` that gin files (and bindings) give `loop.run`, without running it.
-
-  Clears gin's global configuration first (a command line's one-off parse). Includes are
-  looked up in `search_paths` and the current directory.
-
-  Raises:
-    ValueError: the files bind no `loop.run.config` (e.g. another entry point's files).
-
-  Example:
-    >>> config = run_config_from_gin(["gin/experiments/qa_example.gin",
-    ...                               "gin/models/smollm2_135m.gin"])  # doctest: +SKIP
-    >>> config.pretrained  # doctest: +SKIP
-    'smollm2-135m-instruct'
-  """
-  import gin  # noqa: PLC0415
-  from jaxsearch.programs.search_agent import loop  # noqa: F401, PLC0415 (the configurable)
-  gin.clear_config()
-  for path in (*search_paths, os.getcwd()):
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-  try:
-    value = gin.query_parameter(LOOP_CONFIG)
-  except ValueError:
-    raise ValueError(f"the gin files {list(gin_files)} bind no `loop.run.config` (a search "
-                     "agent's RunConfig, e.g. gin/experiments/search_r1.gin)") from None
-  if isinstance(value, gin.config.ConfigurableReference):
-    value = value.scoped_configurable_fn()
-  return value
-
-
 def load_pretrained_agent(config) -> tuple[Experiment, PyTree, str]:
   """The agent of a `RunConfig` whose policy is a pretrained checkpoint, untrained: its
   parameters are the checkpoint's (`RunConfig.pretrained`: "hf:DIR", "gguf:PATH" or a
@@ -148,7 +113,7 @@ def load_pretrained_agent(config) -> tuple[Experiment, PyTree, str]:
       to evaluate before training: evaluate its workdir).
 
   Example:
-    >>> exp, params, where = load_pretrained_agent(run_config_from_gin(files))  # doctest: +SKIP
+    >>> exp, params, where = load_pretrained_agent(config)  # doctest: +SKIP
   """
   from jaxsearch.programs.search_agent.experiment import setup  # noqa: PLC0415
   if not config.pretrained:

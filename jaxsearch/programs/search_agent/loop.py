@@ -45,7 +45,7 @@ from jaxsearch.config_files import absolute_paths
 from jaxsearch.data import demos
 from jaxsearch.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxsearch.programs.search_agent import evaluate as eval_lib
-from jaxsearch.programs.search_agent.experiment import Experiment, RunConfig, setup
+from jaxsearch.programs.search_agent.experiment import BASELINES, Experiment, RunConfig, setup
 from jaxsearch.programs.search_agent.workdir import CONFIG_FILE, load_config
 from jaxsearch.train import distributed, sharding, trainer
 from jaxsearch.models import lora
@@ -128,7 +128,7 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
 
   # 0. Baselines of the initial (pretrained) policy, before any training.
   for name in config.baselines:
-    summary.update(evaluate_once(name, params, "initial", 0, BASELINES[name]["method"]))
+    summary.update(evaluate_once(name, params, "initial", 0, BASELINES[name]))
   # 1. Warm start.
   sft_params = warm_start(exp, params, specs, workdir, writer, first_step_done, mesh)
   # 2. Baselines on the held-out split, with the warm-started policy.
@@ -145,9 +145,6 @@ def _run(exp, config, workdir, mesh, params, specs, t_start, after_first_step):
   return summary
 
 
-# `RunConfig.baselines`: evaluations of the initial policy (before the warm start).
-BASELINES = {"zero_shot": dict(method="agent"), "direct": dict(method="direct"),
-             "rag": dict(method="rag")}
 
 # What must agree between a run and the `init_from` run whose SFT it takes (RunConfig fields).
 WARM_START_FIELDS = ("world", "data", "tokenizer_vocab_size", "model", "pretrained", "sft")
