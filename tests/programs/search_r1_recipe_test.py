@@ -67,8 +67,8 @@ class SearchR1RecipeTest(absltest.TestCase):
                 f"CORPUS = '{corpus_path}'", f"RETRIEVER_URL = '{server.url}/retrieve'",
                 "RL_STEPS = 2", "steps.PolicyGradientConfig.prompts_per_step = 2",
                 "steps.PolicyGradientConfig.micro_batch_size = 0",
-                "search_env.RolloutConfig.max_len = 320",
-                "transformer.TransformerConfig.max_len = 320", "MAX_PASSAGE_TOKENS = 24",
+                "search_env.RolloutConfig.max_len = 448",
+                "transformer.TransformerConfig.max_len = 448", "MAX_PASSAGE_TOKENS = 24",
                 "experiment.RunConfig.eval_batch_size = 8"]
     out = subprocess.run(
         [sys.executable, "-m", "experiments.run", "--gin_file=gin/experiments/search_r1.gin",
