@@ -221,8 +221,9 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
   params = sharding.unbox(boxed)
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
   tx = make_optimizer(OptimizerConfig(learning_rate=1e-6, state_dtype="float32"))
-  trainable = n_params
+  trainable, trainable_fn = n_params, None
   if mode == "lora":
+    trainable_fn = lora.is_adapter_path   # only the adapters differentiated (as the runs)
     tx = train_only(tx, lora.is_adapter_path)
     trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora.split_params(params)[1])))
   rules = sharding.DEFAULT_RULES
@@ -243,13 +244,14 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
     rl_sh = RLState(policy=state_sh, critic=None, ref_params=ref_sh)
     update = jit_rl_update(make_rl_update_fn(apply_fn, pg, norm_length=seq_len,
                                              reference_params=reference_params,
-                                             score_fn=score_fn), mesh, rl_sh)
+                                             score_fn=score_fn, trainable=trainable_fn),
+                          mesh, rl_sh)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     host_batch = RLBatch(tokens, mask, jax.ShapeDtypeStruct((batch,), jnp.float32), rows, rows)
     args = (rl_state, sharding.abstract_like(host_batch, bsh))
   else:
     update = sharding.jit_sharded(make_sft_update_fn(apply_fn, micro_batch_size=micro,
-                                                     score_fn=score_fn),
+                                                     score_fn=score_fn, trainable=trainable_fn),
                                   (state_sh, bsh),
                                   sharding.state_and_metrics_shardings(state_sh, mesh),
                                   donate_argnums=0)

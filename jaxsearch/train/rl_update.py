@@ -35,7 +35,7 @@ from jaxsearch import losses
 from jaxsearch.train import sharding
 from jaxsearch.train.state import TrainState
 from jaxsearch.train.steps import (CriticBatch, CriticConfig, Metrics, PolicyGradientBatch,
-                                   PolicyGradientConfig, ScoreFn, batch_statistics,
+                                   PolicyGradientConfig, ScoreFn, Trainable, batch_statistics,
                                    make_critic_update_fn, make_gae_fn, make_policy_update_fn,
                                    outcome_advantages, sequence_logprobs)
 from jaxsearch.types import PyTree
@@ -65,6 +65,7 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                       norm_length: int | float | None = None,
                       reference_params: Callable[[PyTree, PyTree], PyTree] | None = None,
                       score_fn: ScoreFn | None = None,
+                      trainable: Trainable | None = None,
                       ) -> Callable[..., tuple[RLState, Metrics]]:
   """The RL step of `config` as one pure function.
 
@@ -81,6 +82,8 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
     score_fn: how the policy scores tokens (`steps.ScoreFn`, e.g. `Experiment.score_fn`
       with chunked logits); None: from `apply_fn`'s logits. The behaviour and reference
       log-prob passes run `config.micro_batch_size` rows at a time, as the updates.
+    trainable: the policy's trained leaves (`steps.accumulate_gradients`; LoRA:
+      `lora.is_adapter_path`, so no gradient of the frozen base is computed); None: all.
 
   Returns:
     `update_fn(rl_state, batch: RLBatch, train_policy: bool = True) -> (rl_state, metrics)`;
@@ -90,7 +93,7 @@ def make_rl_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
     raise ValueError("PolicyGradientConfig.advantage='gae' (PPO) needs a critic config and a "
                      "value apply function")
   policy_update = make_policy_update_fn(apply_fn, config, norm_length=norm_length,
-                                       score_fn=score_fn)
+                                       score_fn=score_fn, trainable=trainable)
   logprobs = functools.partial(sequence_logprobs, apply_fn, score_fn=score_fn,
                                micro_batch_size=config.micro_batch_size)
   if config.uses_critic:

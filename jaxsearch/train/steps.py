@@ -47,7 +47,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import core as flax_core
 from flax import linen as nn
+from flax import traverse_util
 
 from jaxsearch import losses
 from jaxsearch.losses.policy import AGG_MODES, KL_KINDS, RATIO_LEVELS
@@ -475,8 +477,47 @@ def _rows(tree: PyTree) -> int:
   return jax.tree.leaves(tree)[0].shape[0]
 
 
+Trainable = Callable[[tuple[str, ...]], bool]
+
+
+def partition_trainable(params: PyTree, trainable: Trainable
+                        ) -> tuple[dict, Callable[..., PyTree]]:
+  """Splits a parameter tree into its trained leaves and a function that puts it back.
+
+  Args:
+    params: nested dicts of arrays (a `FrozenDict` too).
+    trainable: `(path of keys) -> bool`.
+
+  Returns:
+    `(trained, rebuild)`: `trained` maps each trained leaf's path (a tuple of keys) to the
+    leaf; `rebuild(trained_like, frozen=None)` is the tree of `params` with those leaves
+    replaced by `trained_like`'s and the frozen ones by `frozen(leaf)` (None: the leaf).
+
+  Raises:
+    ValueError: no leaf is trainable.
+
+  Example:
+    >>> trained, rebuild = partition_trainable(params, lora.is_adapter_path)
+    >>> zero_base_grads = rebuild(adapter_grads, frozen=jnp.zeros_like)
+  """
+  flat = traverse_util.flatten_dict(params)
+  trained = {k: v for k, v in flat.items() if trainable(k)}
+  if not trained:
+    raise ValueError("no parameter is trainable: the `trainable` predicate accepted none of "
+                     f"the {len(flat)} leaves (e.g. {next(iter(flat), None)})")
+
+  def rebuild(trained_like: dict, frozen: Callable[[jax.Array], jax.Array] | None = None):
+    tree = traverse_util.unflatten_dict(
+        {k: trained_like[k] if k in trained else (v if frozen is None else frozen(v))
+         for k, v in flat.items()})
+    return flax_core.freeze(tree) if isinstance(params, flax_core.FrozenDict) else tree
+
+  return trained, rebuild
+
+
 def accumulate_gradients(loss_fn: Callable, params: PyTree, batch: PyTree, *,
-                         micro_batch_size: int, weights_fn: Callable[[PyTree], jax.Array]):
+                         micro_batch_size: int, weights_fn: Callable[[PyTree], jax.Array],
+                         trainable: Trainable | None = None):
   """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch)`, computed over micro-batches.
 
   The micro-batches go through one `lax.scan` (one forward + backward live at a time); their
@@ -494,15 +535,25 @@ def accumulate_gradients(loss_fn: Callable, params: PyTree, batch: PyTree, *,
     batch: a pytree of arrays with rows first, `N` rows.
     micro_batch_size: rows per micro-batch; 0 (or >= N) is one pass over the whole batch.
     weights_fn: see above.
+    trainable: `(path of keys) -> bool`, the leaves that are trained (LoRA:
+      `lora.is_adapter_path`, as the optimizer's `optim.train_only`); None: all. Only those
+      are differentiated and accumulated: a frozen leaf gets a zero gradient that is never
+      computed, so neither its gradient nor a float32 accumulator of its size is held.
 
   Returns:
-    `((loss, aux), grads)`, as `jax.value_and_grad(..., has_aux=True)`.
+    `((loss, aux), grads)`, as `jax.value_and_grad(..., has_aux=True)` (frozen leaves: 0).
 
   Example:
     >>> (loss, aux), grads = accumulate_gradients(
     ...     loss_fn, params, batch, micro_batch_size=8,
     ...     weights_fn=lambda mb: token_shares(mb.loss_mask))
   """
+  if trainable is not None:
+    trained, rebuild = partition_trainable(params, trainable)
+    (loss, aux), grads = accumulate_gradients(
+        lambda t, b: loss_fn(rebuild(t), b), trained, batch,
+        micro_batch_size=micro_batch_size, weights_fn=weights_fn)
+    return (loss, aux), rebuild(grads, frozen=jnp.zeros_like)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n = _rows(batch)
   if not micro_batch_size or micro_batch_size >= n:
@@ -562,7 +613,7 @@ def agg_shares(mask: jax.Array, agg: str) -> jax.Array:
 
 
 def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
-                       score_fn: ScoreFn | None = None,
+                       score_fn: ScoreFn | None = None, trainable: Trainable | None = None,
                        ) -> Callable[[TrainState, SequenceBatch], tuple[TrainState, Metrics]]:
   """Teacher-forced cross-entropy on the tokens of `batch.loss_mask`.
 
@@ -574,6 +625,8 @@ def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
     micro_batch_size: rows per micro-batch (gradient accumulation, `accumulate_gradients`);
       0: the whole batch at once.
     score_fn: how to score the tokens (`ScoreFn`); None: `logits_score_fn(apply_fn)`.
+    trainable: the trained leaves (`accumulate_gradients`; LoRA: `lora.is_adapter_path`);
+      None: all.
 
   Returns:
     `update_fn(state, batch: SequenceBatch) -> (state, metrics)`, pure.
@@ -590,8 +643,8 @@ def make_sft_update_fn(apply_fn: Callable, *, micro_batch_size: int = 0,
   def update_fn(state: TrainState, batch: SequenceBatch):
     (loss, aux), grads = accumulate_gradients(
         loss_fn, state.params, batch, micro_batch_size=micro_batch_size,
-        weights_fn=lambda mb: token_shares(mb.loss_mask[:, :, 1:]))
-    return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        weights_fn=lambda mb: token_shares(mb.loss_mask[:, :, 1:]), trainable=trainable)
+    return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
   return update_fn
 
@@ -659,9 +712,11 @@ def make_policy_loss_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
 def make_policy_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
                           norm_length: int | float | None = None,
                           score_fn: ScoreFn | None = None,
+                          trainable: Trainable | None = None,
                           ) -> Callable[[TrainState, PolicyGradientBatch],
                                         tuple[TrainState, Metrics]]:
-  """One optimizer step on the policy objective (`make_policy_loss_fn`, same arguments).
+  """One optimizer step on the policy objective (`make_policy_loss_fn`, same arguments;
+  `trainable`: the trained leaves, `accumulate_gradients`; None: all).
 
   Returns:
     `update_fn(state, batch: PolicyGradientBatch) -> (state, metrics)`, pure; metrics add
@@ -675,8 +730,8 @@ def make_policy_update_fn(apply_fn: Callable, config: PolicyGradientConfig, *,
   def update_fn(state: TrainState, batch: PolicyGradientBatch):
     (loss, aux), grads = accumulate_gradients(
         loss_fn, state.params, batch, micro_batch_size=config.micro_batch_size,
-        weights_fn=lambda mb: agg_shares(mb.policy_mask, config.agg))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        weights_fn=lambda mb: agg_shares(mb.policy_mask, config.agg), trainable=trainable)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.apply_gradients(grads), metrics
 
   return update_fn
@@ -788,7 +843,7 @@ def make_critic_update_fn(value_apply_fn: Callable, config: CriticConfig, *,
         loss_fn, state.params, batch, micro_batch_size=micro_batch_size,
         weights_fn=lambda mb: token_shares(mb.mask))
     return state.apply_gradients(grads), {"value_loss": loss,
-                                          "value_grad_norm": optax.global_norm(grads), **aux}
+                                          "value_grad_norm": optax.tree.norm(grads), **aux}
 
   return update_fn
 

@@ -7,13 +7,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import optax
 from absl.testing import absltest, parameterized
 from flax import linen as nn
 
 from jaxsearch import losses
 from jaxsearch.models.transformer import Transformer, TransformerConfig
-from jaxsearch.train import steps
+from jaxsearch.train import optim, steps
 from jaxsearch.train.rl_update import RLBatch, RLState, jit_rl_update, make_rl_update_fn
 from jaxsearch.train.state import TrainState
 from jaxsearch.types import SequenceBatch
@@ -249,6 +250,63 @@ class MicroBatchTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(grads["w"], np.float32),
                                   np.asarray(jnp.asarray(by_hand).astype(jnp.bfloat16),
                                              np.float32))
+
+  @parameterized.parameters(0, 2)
+  def test_only_trainable_leaves_are_differentiated(self, micro):
+    # LoRA's case: the optimizer trains some leaves (`optim.train_only`); the update must
+    # give those the plain gradient, the frozen ones exactly 0, and never compute the latter.
+    trained = lambda path: path[-1] == "kernel" and "mlp" in "/".join(path)
+    config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=0.0)
+    loss_fn = steps.make_policy_loss_fn(apply_fn, config, norm_length=12)
+    b = batch(seed=3)
+    params = init(0)
+    pg = steps.PolicyGradientBatch(b.tokens, b.policy_mask,
+                                   losses.grpo_advantages(b.rewards, b.group_ids),
+                                   logp_of(params, b.tokens), None)
+
+    def grads_of(trainable):
+      return functools.partial(steps.accumulate_gradients, loss_fn, micro_batch_size=micro,
+                               weights_fn=lambda mb: steps.agg_shares(mb.policy_mask,
+                                                                      config.agg),
+                               trainable=trainable)
+
+    (loss, _), plain = jax.jit(grads_of(None))(params, pg)
+    (tloss, _), grads = jax.jit(grads_of(trained))(params, pg)
+    np.testing.assert_allclose(tloss, loss, rtol=1e-6)
+    flat, plain_flat = (flax.traverse_util.flatten_dict(g) for g in (grads, plain))
+    self.assertEqual(set(flat), set(plain_flat))
+    n_trained = 0
+    for path, g in flat.items():
+      if trained(path):
+        n_trained += 1
+        np.testing.assert_allclose(g, plain_flat[path], rtol=1e-5, atol=1e-7)
+        self.assertGreater(float(jnp.max(jnp.abs(g))), 0.0)
+      else:
+        self.assertGreater(float(jnp.max(jnp.abs(plain_flat[path]))), 0.0, path)
+        np.testing.assert_array_equal(g, jnp.zeros_like(g))
+    self.assertBetween(n_trained, 1, len(flat) - 1)
+    # Fewer matrix products: the frozen weights' gradient products are not in the program.
+    dots = lambda fn: str(jax.make_jaxpr(fn)(params, pg)).count("dot_general")
+    self.assertLess(dots(grads_of(trained)), dots(grads_of(None)))
+
+  def test_update_with_trainable_equals_the_masked_optimizer_alone(self):
+    trained = lambda path: "attn" in "/".join(path)
+    b = batch(seed=4)
+    sb = SequenceBatch(b.tokens, b.policy_mask)
+    tx = optim.train_only(optax.adam(1e-2), trained)
+    out = []
+    for trainable in (None, trained):
+      state = TrainState.create(apply_fn=apply_fn, params=init(0), tx=tx)
+      out.append(jax.jit(steps.make_sft_update_fn(apply_fn, micro_batch_size=4,
+                                                  trainable=trainable))(state, sb))
+    (plain, pm), (only, om) = out
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+                 only.params, plain.params)
+    # The reported norm is the trained leaves' (what `train_only`'s clipping sees).
+    masked = jax.tree.map(jnp.zeros_like, init(0))
+    self.assertLess(float(om["grad_norm"]), float(pm["grad_norm"]))
+    with self.assertRaisesRegex(ValueError, "no parameter is trainable"):
+      steps.partition_trainable(masked, lambda path: False)
 
   def test_micro_batches_are_strided(self):
     x = jnp.arange(8)

@@ -498,11 +498,18 @@ class Experiment:
     positions with `TransformerConfig.logits_chunk`, so no `[N, T, V]` logits)."""
     return self.model.apply(variables, tokens, targets, method="token_scores")
 
+  @property
+  def trainable(self) -> Callable[[tuple[str, ...]], bool] | None:
+    """The policy's trained parameters, by path: the adapters with LoRA; None: all. The
+    updates differentiate these only (`steps.accumulate_gradients`), the optimizer holds
+    state for these only (`optimizer`)."""
+    return None if self.config.lora is None else lora_lib.is_adapter_path
+
   def optimizer(self, config: OptimizerConfig, total_steps: int | None = None
                 ) -> optax.GradientTransformation:
     """The policy's optimizer: `make_optimizer`, on the adapters only with LoRA."""
     tx = make_optimizer(config, total_steps)
-    return tx if self.config.lora is None else train_only(tx, lora_lib.is_adapter_path)
+    return tx if self.trainable is None else train_only(tx, self.trainable)
 
   def export(self, params: PyTree) -> tuple[Transformer, PyTree]:
     """`(model, params)` without adapters (LoRA merged: `W + alpha / rank * A @ B`), e.g. for

@@ -271,7 +271,7 @@ def warm_start(exp: Experiment, params, specs, workdir, writer, first_step_done,
   bsh = sharding.batch_sharding(mesh)
   update = sharding.jit_sharded(
       make_sft_update_fn(exp.apply_fn, micro_batch_size=cfg.micro_batch_size,
-                         score_fn=exp.score_fn),
+                         score_fn=exp.score_fn, trainable=exp.trainable),
       (state_sh, bsh), sharding.state_and_metrics_shardings(state_sh, mesh), donate_argnums=0)
   widest = jax.ShapeDtypeStruct((cfg.batch_size, data.tokens.shape[1]), data.tokens.dtype)
   trainer.compile_report("sft", update, writer, sharding.abstract_like(state),
@@ -419,7 +419,7 @@ def train_rl(exp: Experiment, ref_params, specs, workdir, writer, first_step_don
       exp.apply_fn, g, critic=cfg.critic if g.uses_critic else None,
       value_apply_fn=critic.apply_fn if g.uses_critic else None,
       norm_length=exp.config.rollout.max_len, reference_params=reference_params,
-      score_fn=exp.score_fn),
+      score_fn=exp.score_fn, trainable=exp.trainable),
       mesh, state_sh)
   if start < cfg.steps and jax.process_index() == 0:
     # The final evaluation of an earlier, shorter run of this workdir no longer holds.
