@@ -9,6 +9,11 @@ same executable, so results are bit for bit those of a cold run (the kill/resume
 launcher tests compare runs exactly). It starts empty on every run: nothing carries over
 between runs. Set `JAX_COMPILATION_CACHE_DIR` yourself to keep one across runs, or to an
 empty string to switch it off.
+
+`JAXSEARCH_COMPILE_REPORT=FILE` appends one JSON line per test to FILE: how many programs it
+compiled (XLA backend compiles, cache hits excluded) and the seconds spent tracing, lowering
+and compiling them; where the suite's time goes is mostly there. Subprocesses are not
+counted.
 """
 import os
 import shutil
@@ -62,3 +67,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
       if "gpu_only" in item.keywords:
         item.add_marker(skip)
+
+
+_COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile_s",
+                   "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s"}
+_compile_totals: dict[str, float] = {}
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+  key = _COMPILE_EVENTS.get(event)
+  if key:
+    _compile_totals[key] = _compile_totals.get(key, 0.0) + duration
+    if key == "compile_s":
+      _compile_totals["compiles"] = _compile_totals.get("compiles", 0) + 1
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  path = os.environ.get("JAXSEARCH_COMPILE_REPORT")
+  if not path:
+    yield
+    return
+  import json  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  if not getattr(pytest_runtest_protocol, "_registered", False):
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    pytest_runtest_protocol._registered = True
+  _compile_totals.clear()
+  t0 = time.perf_counter()
+  yield
+  row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - t0, 3),
+         **{k: round(v, 3) for k, v in _compile_totals.items()}}
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
