@@ -634,8 +634,13 @@ class DecodeRooflineBenchmarkTest(absltest.TestCase):
                      2 * layers * 4 * kv * hd * 4 * (16 + 12))
     self.assertAlmostEqual(r["s_per_step"], (r["seconds"]["12"] - r["seconds"]["4"]) / 8)
     self.assertAlmostEqual(r["roofline_tokens_per_s"], 4 * 100e9 / r["bytes_per_step"])
-    self.assertAlmostEqual(r["roofline_fraction"],
-                           r["decode_tokens_per_s"] / r["roofline_tokens_per_s"])
+    if r["s_per_step"] > 0:
+      self.assertAlmostEqual(r["decode_tokens_per_s"], 4 / r["s_per_step"])
+      self.assertAlmostEqual(r["roofline_fraction"],
+                             r["decode_tokens_per_s"] / r["roofline_tokens_per_s"])
+    else:   # a loaded machine can time the longer decode as fast as the shorter one
+      self.assertIsNone(r["decode_tokens_per_s"])
+      self.assertIsNone(r["roofline_fraction"])
     self.assertEqual(r["device"], "cpu: cpu")
     shutil.rmtree(tmpdir, ignore_errors=True)
 
