@@ -11,7 +11,8 @@ import functools
 
 import jax
 
-_STATIC = ("method", "return_logits", "return_hidden", "mutable", "deterministic", "train")
+_STATIC = ("method", "return_logits", "return_hidden", "return_lm_logits", "mutable",
+           "deterministic", "train")
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)

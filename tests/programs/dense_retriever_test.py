@@ -212,8 +212,9 @@ class UpdateTest(absltest.TestCase):
     q_mask, d_mask = jnp.ones((2, 6), jnp.int32), jnp.ones((4, 6), jnp.int32)
     # Doc 2 is query 0's positive again (key 7): not a negative of query 0, one of query 1.
     keys = jnp.array([7, 8, 7, 9], jnp.int32)
-    q = np.asarray(fns.embed_fn(params, q_ids, q_mask), np.float64)
-    d = np.asarray(fns.embed_fn(params, d_ids, d_mask), np.float64)
+    embed = jax.jit(fns.embed_fn)      # op by op, every operation is its own compile
+    q = np.asarray(embed(params, q_ids, q_mask), np.float64)
+    d = np.asarray(embed(params, d_ids, d_mask), np.float64)
     logits = q @ d.T / 0.5
     lse0 = np.log(np.sum(np.exp(logits[0, [0, 1, 3]])))
     lse1 = np.log(np.sum(np.exp(logits[1])))

@@ -24,6 +24,7 @@ from jaxsearch.models.transformer import Transformer, TransformerConfig
 from jaxsearch.programs import realm
 from jaxsearch.train.optim import OptimizerConfig
 from jaxsearch.train.state import TrainState
+from tests import compiled
 
 TINY = realm.RealmConfig(
     world=WorldConfig(num_people=12, num_cities=4, num_countries=2, num_companies=3,
@@ -123,8 +124,8 @@ class UpdateTest(absltest.TestCase):
     key = jax.random.key(0)
     q = init_encoder_params(enc, jax.random.fold_in(key, 0))
     cls.params = {"query": q, "doc": init_encoder_params(enc, jax.random.fold_in(key, 1)),
-                  "reader": nn.meta.unbox(cls.reader.init(jax.random.fold_in(key, 2),
-                                                          jnp.zeros((1, 4), jnp.int32))["params"])}
+                  "reader": nn.meta.unbox(compiled.init(cls.reader, jax.random.fold_in(key, 2),
+                                                        jnp.zeros((1, 4), jnp.int32))["params"])}
     rng = np.random.default_rng(0)
     n, b, k = 6, 2, 3
     ones = lambda *s: np.ones(s, bool)
@@ -166,8 +167,8 @@ class UpdateTest(absltest.TestCase):
     b, width = self.batch, 5
     rows = b.doc_ids[:, 0]
     passage, passage_mask = self.corpus.passage[rows], self.corpus.passage_mask[rows]
-    logits0 = np.asarray(self.reader.apply(
-        {"params": self.params["reader"]},
+    logits0 = np.asarray(compiled.apply(
+        self.reader, {"params": self.params["reader"]},
         np.concatenate([b.prefix, passage, b.answer[:, :1]], axis=1)))
     end_id = int(np.argmax(logits0[0, -1]))   # row 0 stops at once; row 1 may not
     start = b.answer[:, 0]
@@ -175,12 +176,17 @@ class UpdateTest(absltest.TestCase):
                              static_argnames="width")(
         self.params["reader"], b.prefix, b.prefix_mask, passage, passage_mask, start,
         width=width))
+    full = b.prefix.shape[1] + passage.shape[1] + width
     for r in range(2):
       tokens, out = [int(start[r])], [int(start[r])]
       while len(out) < width and end_id not in out[1:]:
-        x = np.concatenate([b.prefix[r], passage[r], tokens])[None]
-        nxt = int(np.argmax(np.asarray(self.reader.apply({"params": self.params["reader"]},
-                                                         x))[0, -1]))
+        # The reader is causal: zeros after the last token leave its logits as they are, so
+        # every step is the same (compiled once) full-width forward.
+        x = np.concatenate([b.prefix[r], passage[r], tokens])
+        n = len(x)
+        x = np.pad(x, (0, full - n))[None].astype(np.int32)
+        nxt = int(np.argmax(np.asarray(compiled.apply(
+            self.reader, {"params": self.params["reader"]}, x))[0, n - 1]))
         tokens.append(nxt)
         out.append(nxt)
       out += [end_id] * (width - len(out))
@@ -190,9 +196,9 @@ class UpdateTest(absltest.TestCase):
   def test_index_vectors_stand_in_for_an_untrained_doc_encoder(self):
     # With E_d not trained the update reads d from the index (`doc_vecs`): the loss must be
     # the one computed by embedding the documents with E_d.
-    losses = [realm.make_realm_loss_fn(dataclasses.replace(TINY, train_doc_encoder=t),
-                                       self.embed, self.loglik)(self.params, self.batch,
-                                                                self.corpus)[0]
+    losses = [jax.jit(realm.make_realm_loss_fn(dataclasses.replace(TINY, train_doc_encoder=t),
+                                               self.embed, self.loglik))(self.params, self.batch,
+                                                                         self.corpus)[0]
               for t in (True, False)]
     np.testing.assert_allclose(float(losses[0]), float(losses[1]), rtol=1e-5)
 

@@ -25,6 +25,7 @@ from jaxsearch.programs import reward_model as rm
 from jaxsearch.train import sharding
 from jaxsearch.train.optim import OptimizerConfig, make_optimizer
 from jaxsearch.train.state import TrainState
+from tests import compiled
 
 SMALL_WORLD = WorldConfig(num_people=60, num_cities=16, num_countries=6, num_companies=12,
                           num_distractors=20, train_size=120, validation_size=16, test_size=40)
@@ -172,12 +173,12 @@ class UpdateTest(absltest.TestCase):
     cl, rl = jnp.array([9, 5, 7, 3]), jnp.array([6, 9, 2, 8])
     mask = jnp.asarray(rng.random((4, 9)) < 0.5)
     batch = rm.PreferenceBatch(chosen, cl, rejected, rl, mask)
-    params = nn.meta.unbox(model.init(jax.random.key(0), chosen, cl,
-                                      return_lm_logits=True)["params"])
-    rc = model.apply({"params": params}, chosen, cl)
-    rr = model.apply({"params": params}, rejected, rl)
+    params = nn.meta.unbox(compiled.init(model, jax.random.key(0), chosen, cl,
+                                         return_lm_logits=True)["params"])
+    rc = compiled.apply(model, {"params": params}, chosen, cl)
+    rr = compiled.apply(model, {"params": params}, rejected, rl)
     bt = float(np.mean(np.log1p(np.exp(-(np.asarray(rc) - np.asarray(rr))))))
-    _, logits = model.apply({"params": params}, chosen, cl, return_lm_logits=True)
+    _, logits = compiled.apply(model, {"params": params}, chosen, cl, return_lm_logits=True)
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     nll = [-logp[i, t - 1, int(chosen[i, t])] for i in range(4) for t in range(1, 9)
            if bool(mask[i, t])]

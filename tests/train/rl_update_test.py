@@ -327,7 +327,8 @@ class NormLengthTest(absltest.TestCase):
       config = steps.PolicyGradientConfig(num_generations=2, prompts_per_step=4, kl_coef=0.0,
                                           agg="seq-mean-token-sum-norm",
                                           norm_length=config_norm)
-      loss, _ = steps.make_policy_loss_fn(apply_fn, config, norm_length=arg_norm)(params, pg)
+      loss, _ = jax.jit(steps.make_policy_loss_fn(apply_fn, config, norm_length=arg_norm))(
+          params, pg)
       expected, _ = losses.grpo_loss(logp, None, None, pg.advantages, b.policy_mask,
                                      kl_coef=0.0, agg="seq-mean-token-sum-norm",
                                      norm_length=used)
