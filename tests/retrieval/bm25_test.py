@@ -149,8 +149,8 @@ class SparseBM25Test(absltest.TestCase):
     idf = lambda df: np.log(1 + (3 - df + 0.5) / (df + 0.5))
     tfc = lambda tf, n: tf / (tf + 1.5 * (0.25 + 0.75 * n / 3.0))
     want = idf(2) * tfc(2, 3) + idf(2) * tfc(1, 3)         # doc 0 for the query [6, 5]
-    scores = bm25.sparse_bm25_scores(index, jnp.array([[6, 5, 0]]), jnp.array([[1, 1, 1]], bool),
-                                     ignore_ids=(0,), block=1)
+    scores = _jit_sparse_scores(index, jnp.array([[6, 5, 0]]), jnp.array([[1, 1, 1]], bool),
+                                ignore_ids=(0,), block=1)
     np.testing.assert_allclose(scores[0, 0], want, rtol=1e-6)
     np.testing.assert_allclose(scores[0, 1], idf(2) * tfc(1, 2), rtol=1e-6)
     np.testing.assert_allclose(scores[0, 2], idf(2) * tfc(1, 4), rtol=1e-6)
@@ -181,7 +181,7 @@ class SparseBM25Test(absltest.TestCase):
     index = bm25.build_sparse_bm25_index(bm25.tokenize_corpus([[0], [0, 0]]), 8,
                                          ignore_ids=(0,))
     self.assertEqual(index.docs.shape, (1,))                 # only the padding entry
-    ids, scores = bm25.sparse_bm25_search(index, jnp.array([[3, 4]]), jnp.ones((1, 2), bool), 2)
+    ids, scores = _jit_sparse_search(index, jnp.array([[3, 4]]), jnp.ones((1, 2), bool), k=2)
     np.testing.assert_array_equal(ids, [[0, 1]])
     np.testing.assert_array_equal(scores, [[0.0, 0.0]])
     with self.assertRaisesRegex(ValueError, r"k must be an int in \[1, M=2\], got 3"):
