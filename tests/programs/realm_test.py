@@ -133,9 +133,10 @@ class UpdateTest(absltest.TestCase):
                               ones(n, 5).astype(np.int32),
                               rng.integers(1, 32, (n, 6)).astype(np.int32), ones(n, 6))
     doc_ids = np.array([[0, 2, 4], [1, 3, 5]], np.int32)
-    d = np.asarray(cls.embed(cls.params["doc"], cls.corpus.enc_ids, cls.corpus.enc_mask))
+    embed = jax.jit(cls.embed)          # op by op, every operation is its own compile
+    d = np.asarray(embed(cls.params["doc"], cls.corpus.enc_ids, cls.corpus.enc_mask))
     q_ids = rng.integers(1, 32, (b, 4)).astype(np.int32)
-    q_vec = np.asarray(cls.embed(q, q_ids, np.ones((b, 4), np.int32)))
+    q_vec = np.asarray(embed(q, q_ids, np.ones((b, 4), np.int32)))
     stale = np.einsum("bd,bkd->bk", q_vec, d[doc_ids])
     cls.batch = realm.RealmBatch(q_ids, np.ones((b, 4), np.int32),
                                  rng.integers(1, 32, (b, 3)).astype(np.int32), ones(b, 3),
