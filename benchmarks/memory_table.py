@@ -223,8 +223,8 @@ def compile_one(model_name: str, mode: str, step: str, mesh_name: str, *, batch:
   tx = make_optimizer(OptimizerConfig(learning_rate=1e-6, state_dtype="float32"))
   trainable, trainable_fn = n_params, None
   if mode == "lora":
-    trainable_fn = lora.is_adapter_path   # only the adapters differentiated (as the runs)
-    tx = train_only(tx, lora.is_adapter_path)
+    trainable_fn = lora.is_adapter_path   # differentiated and optimised: the adapters only
+    tx = train_only(tx, trainable_fn)
     trainable = int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora.split_params(params)[1])))
   rules = sharding.DEFAULT_RULES
   state, state_sh = _abstract_train_state(params, specs, apply_fn=apply_fn, tx=tx, mesh=mesh,

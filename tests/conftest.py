@@ -73,6 +73,7 @@ _COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile_s",
                    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s"}
 _compile_totals: dict[str, float] = {}
+_listening = False
 
 
 def _on_duration(event: str, duration: float, **_) -> None:
@@ -93,9 +94,10 @@ def pytest_runtest_protocol(item, nextitem):
   import time  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
-  if not getattr(pytest_runtest_protocol, "_registered", False):
+  global _listening
+  if not _listening:
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
-    pytest_runtest_protocol._registered = True
+    _listening = True
   _compile_totals.clear()
   t0 = time.perf_counter()
   yield
