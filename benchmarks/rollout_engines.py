@@ -75,7 +75,10 @@ over all tokens), "information_token_fraction", "script_followed_fraction", "rat
 
 Usage:
   python benchmarks/rollout_engines.py [--model tiny|smollm2-135m-instruct] [--batch 32]
-      [--repeats 3] [--json OUT] [--smoke]
+      [--repeats N] [--json OUT] [--smoke]
+The token mix and the number of warm repeats default per model (`MIX_DEFAULTS`: the tiny model
+runs the full Search-R1-like mix with 3 repeats; SmolLM2 half its length with 1 repeat, under
+15 minutes on 2 CPU cores); progress lines go to stderr.
 """
 from __future__ import annotations
 
@@ -473,6 +476,11 @@ class TransformersSearchR1:
 
 # --- the benchmark ----------------------------------------------------------------------------
 
+def _progress(line: str) -> None:
+  """One progress line on stderr (stdout carries only the JSON)."""
+  print(f"[rollout_engines {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
@@ -538,10 +546,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   first, times = {}, {name: [] for name in calls}
   for name, call in calls.items():
     results[name], first[name] = _timed(call)
-  for _ in range(args.repeats):
+    _progress(f"{name}: first call {first[name]:.1f} s")
+  for r in range(args.repeats):
     for name, call in calls.items():
       results[name], t = _timed(call)
       times[name].append(t)
+      _progress(f"{name}: warm call {r + 1}/{args.repeats} {t:.1f} s")
 
   rows = []
   ref = results.get("chunked")
@@ -633,6 +643,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   return out
 
 
+# Defaults per model. The tiny model runs Search-R1's mix (prompts of a few hundred tokens, 3
+# searches x 3 passages of ~100 tokens, ~1,270 tokens per episode). SmolLM2-135M on 2 CPU cores
+# writes ~110 tokens/s token by token at batch 32 (measured), so that mix would take ~6 minutes
+# per token-engine call: its default is the same shape at half the length (~600 tokens per
+# episode, still ~89% of them written by the environment) and one warm call per
+# implementation, so that the whole comparison runs in under 15 minutes here.
+MIX_DEFAULTS = {
+    "tiny": dict(repeats=3, prompt_tokens=256, searches=3, passages=3, passage_tokens=100,
+                 policy_tokens_per_turn=32, answer_tokens=16),
+    "smollm2-135m-instruct": dict(repeats=1, prompt_tokens=128, searches=2, passages=3,
+                                  passage_tokens=64, policy_tokens_per_turn=24,
+                                  answer_tokens=16),
+}
 SMOKE = dict(batch=4, repeats=1, prompt_tokens=24, searches=2, passages=2, passage_tokens=12,
              policy_tokens_per_turn=10, answer_tokens=6, prefill_chunk=16, corpus_docs=16)
 
@@ -642,14 +665,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--json", default=None, help="also write the result here")
   parser.add_argument("--model", default="tiny", choices=("tiny", "smollm2-135m-instruct"))
   parser.add_argument("--batch", type=int, default=32, help="episodes per call")
-  parser.add_argument("--repeats", type=int, default=3, help="warm calls per implementation")
-  parser.add_argument("--prompt_tokens", type=int, default=256, help="about this many")
-  parser.add_argument("--searches", type=int, default=3, help="searches per episode (budget)")
-  parser.add_argument("--passages", type=int, default=3, help="passages per search (top_k)")
-  parser.add_argument("--passage_tokens", type=int, default=100, help="tokens per passage")
-  parser.add_argument("--policy_tokens_per_turn", type=int, default=32,
+  # The token mix and repeats default per model (MIX_DEFAULTS); a flag overrides one value.
+  parser.add_argument("--repeats", type=int, default=None, help="warm calls per implementation")
+  parser.add_argument("--prompt_tokens", type=int, default=None, help="about this many")
+  parser.add_argument("--searches", type=int, default=None, help="searches per episode (budget)")
+  parser.add_argument("--passages", type=int, default=None, help="passages per search (top_k)")
+  parser.add_argument("--passage_tokens", type=int, default=None, help="tokens per passage")
+  parser.add_argument("--policy_tokens_per_turn", type=int, default=None,
                       help="about this many per search turn (think + query + tags)")
-  parser.add_argument("--answer_tokens", type=int, default=16, help="about, the last turn")
+  parser.add_argument("--answer_tokens", type=int, default=None, help="about, the last turn")
   parser.add_argument("--prefill_chunk", type=int, default=64)
   parser.add_argument("--prefill_when", type=float, default=0.5)
   parser.add_argument("--corpus_docs", type=int, default=256)
@@ -658,6 +682,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--smoke", action="store_true",
                       help="tiny model, batch 4, 1 repeat, short episodes (for tests)")
   args = parser.parse_args(argv)
+  for k, v in MIX_DEFAULTS[args.model].items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
   if args.smoke:
     if args.model != "tiny":
       parser.error("--smoke runs the tiny model")
