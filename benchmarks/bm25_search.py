@@ -2,8 +2,9 @@
 
 Three retrievers score the same passages, as SmolLM2 token ids, for the same queries (k=3):
 
-  (a) `jaxsearch_sparse`: `build_sparse_bm25_index` (host numpy; posting lists in CSR order)
-      and the jitted `sparse_bm25_search(index, query_tokens, query_mask, k=3, ignore_ids,
+  (a) `jaxsearch_sparse`: `build_sparse_bm25_index` (host numpy; posting lists in CSR order,
+      the terms in at least a quarter of the passages as dense rows: `BM25Config()`'s
+      `dense_min_df` 0.25) and the jitted `sparse_bm25_search(index, query_tokens, query_mask, k=3, ignore_ids,
       block)` in batches of `--batch` queries, once per posting block size of `--blocks`.
   (b) `bm25s`: `bm25s.BM25()` (method "lucene", k1 1.5, b 0.75: the defaults of both) indexed
       on the same token ids written as strings "t<id>" (as `tests/retrieval/bm25_test.py`),
@@ -48,7 +49,8 @@ themselves, like (a)'s packed [M, L] token array, are made before timing. On CPU
 all cores for (a) / (c); bm25s uses one thread (`cpu_count`, `load_average_1m` are reported).
 
 Index bytes: (a) the sum of `nbytes` of the `SparseBM25Index` arrays (starts, docs, weights,
-absent, doc_len: `8 * nnz + 8 * V + 4 * M` plus one padding posting); (b) the sum of
+absent, doc_len, dense_row, dense_weights: `8 * nnz + 12 * V + 4 * M + 4 * H * M` plus one
+padding posting, nnz the postings of the terms without a dense row, H the dense rows); (b) the sum of
 `nbytes` of the numpy arrays in `retriever.scores` (data, indices, indptr); (c) `4 * V * M`.
 
 Agreement with bm25s (rows of (a) and (c)): `top3_set_equal_fraction`, the fraction of
@@ -67,7 +69,7 @@ Output (stdout, and `--json OUT`): `{"device", "backend", "jax_version", "bm25s_
 "sizes", "max_passage_tokens", "max_query_tokens", "dense_max_gb", "smoke", "seed",
 "cpu_count", "load_average_1m", "tokenize_s", "wall_s", "rows", "ratios"}`. `rows`: one per
 (size, system, block) with `num_docs`, `system`, `block` (None for (b) / (c)),
-`mean_doc_tokens`, `mean_query_tokens`, `nnz`, `index_bytes`, `index_build_s`,
+`mean_doc_tokens`, `mean_query_tokens`, `nnz`, `dense_rows` (a), `index_bytes`, `index_build_s`,
 `index_build_first_s`, `compile_s`, `search_s`, `search_all_s`, `qps` and the agreement
 fields. `ratios`: one per size, `sparse_best_block` (the block with the highest q/s),
 `sparse_over_bm25s_qps` (that block's q/s over bm25s's), `sparse_over_bm25s_bytes`, and where
@@ -284,6 +286,7 @@ def bench_size(num_docs: int, passages: Sequence[tuple[str, str]],
   bm25s_bytes = int(sum(v.nbytes for v in retriever.scores.values()
                         if isinstance(v, np.ndarray)))
   nnz = int(np.asarray(sparse.starts)[-1])
+  dense_rows = int(sparse.dense_weights.shape[0])
 
   # ---- search programs, compiled ahead of time ----
   sparse_jit = jax.jit(bm25.sparse_bm25_search, static_argnames=("k", "ignore_ids", "block"))
@@ -328,7 +331,7 @@ def bench_size(num_docs: int, passages: Sequence[tuple[str, str]],
   for block in args.blocks:
     name = f"sparse_{block}"
     rows.append({
-        **common, "system": "jaxsearch_sparse", "block": block, "nnz": nnz,
+        **common, "system": "jaxsearch_sparse", "block": block, "nnz": nnz, "dense_rows": dense_rows,
         "index_bytes": sparse_bytes, "index_build_s": statistics.median(warm_s[
             "jaxsearch_sparse"]), "index_build_first_s": first_s["jaxsearch_sparse"],
         "compile_s": compile_s[name], **speed(name),

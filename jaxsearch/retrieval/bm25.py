@@ -16,7 +16,12 @@ bm25_test.py`).
   index. Each query lays the posting lists of its tokens end to end and reads them
   `posting_block` entries at a time (gather, then scatter-add into its `[M]` scores) in a
   `lax.fori_loop`, queries one after the other (`lax.map`): the work is the query terms'
-  document frequencies, not V x M. Built on the host with numpy.
+  document frequencies, not V x M. The few terms found in a large share of the documents
+  (`BM25Config.dense_min_df`; with a subword tokenizer: "the", ",", "of", ...) carry most of
+  a query's postings; they are kept as dense `[H, M]` rows instead, added for a whole batch of
+  queries by one `[Q, H] @ [H, M]` product (a dense row costs `4 M` bytes, the postings it
+  replaces at least `8 * dense_min_df * M`: at the default 0.25 at most twice). Built on the
+  host with numpy.
 - Dense (`build_bm25_index`, `bm25_search`): a `[V, M]` matrix holding the BM25 contribution
   of term `v` to document `m`; a query is a `[V]` bag of term counts; scores are
   `bags @ weights`. `4 * V * M` bytes (SmolLM2's 49k ids over 24k passages: 4.7 GB), so only
@@ -62,7 +67,8 @@ class SparseBM25Index(NamedTuple):
   contribution; `absent[v]` is what term v gives a document that lacks it (0 except for
   "bm25l" / "bm25+", bm25s's non-occurrence score), so a document's score is
   `sum_q absent[q] + sum_{q in doc} weights`. One padding entry (document 0, weight 0) ends
-  the lists so that an empty corpus still gathers in bounds.
+  the lists so that an empty corpus still gathers in bounds. The H terms with a dense row
+  (`BM25Config.dense_min_df`) have empty posting lists.
   """
 
   starts: jax.Array    # [V + 1] int32, term v's postings are entries starts[v]:starts[v + 1]
@@ -70,6 +76,8 @@ class SparseBM25Index(NamedTuple):
   weights: jax.Array   # [nnz + 1] float32, BM25 weight of each posting (minus `absent`)
   absent: jax.Array    # [V] float32, contribution of term v to a document without it
   doc_len: jax.Array   # [M] float32, counted tokens per document (its shape gives M)
+  dense_row: jax.Array      # [V] int32, term v's row of `dense_weights`, or -1 (postings)
+  dense_weights: jax.Array  # [H, M] float32, the frequent terms' weights (minus `absent`)
 
 
 class BM25Index(NamedTuple):
@@ -154,6 +162,10 @@ class BM25Config:
       "bm25l" or "bm25+". idf and tf variants always come from the same method.
     posting_block: postings the sparse search reads per loop step of one query (a speed
       knob: fewer, larger steps against the padding of a query's last one).
+    dense_min_df: the sparse index keeps the terms found in at least this fraction of the
+      documents as dense rows rather than posting lists (> 0; above 1: none). The scores do
+      not change (float32 rounding); a dense row takes at most `1 / (2 * dense_min_df)` times
+      the bytes of the postings it replaces.
   """
 
   k1: float = 1.5
@@ -161,6 +173,7 @@ class BM25Config:
   delta: float = 0.5
   method: str = "lucene"
   posting_block: int = 4096
+  dense_min_df: float = 0.25
 
   def __post_init__(self):
     _check_real("k1", self.k1, 0.0)
@@ -170,6 +183,10 @@ class BM25Config:
       raise ValueError(
           f"unknown bm25 method {self.method!r}; expected one of {BM25_METHODS.names()}")
     _check_block(self.posting_block)
+    _check_real("dense_min_df", self.dense_min_df, 0.0)
+    if self.dense_min_df <= 0:
+      raise ValueError(f"dense_min_df must be > 0 (a fraction of the documents; above 1: no "
+                       f"dense rows), got {self.dense_min_df!r}")
 
 
 def _check_block(block: object) -> int:
@@ -407,7 +424,9 @@ def build_sparse_bm25_index(corpus: TokenizedCorpus, vocab_size: int,
   with the dense index's formulas, so both give the same scores).
 
   Statistics and counted tokens as `build_bm25_index`. Memory: `8 * nnz` bytes for the
-  postings (nnz: distinct (term, document) pairs) plus `8 * V + 4 * M`.
+  postings (nnz: distinct (term, document) pairs of the terms without a dense row), `4 * H *
+  M` for the H dense rows (terms in at least `config.dense_min_df * M` documents), plus
+  `12 * V + 4 * M`.
 
   Args:
     corpus: `TokenizedCorpus` with tokens [M, L] int32 and lengths [M] int32.
@@ -443,12 +462,22 @@ def build_sparse_bm25_index(corpus: TokenizedCorpus, vocab_size: int,
   hp = (config.k1, config.b, config.delta)
   absent = idf * method.tfc_fn(0.0, 1.0, *hp)                              # [V]
   present = method.tfc_fn(jnp.asarray(tf, jnp.float32), rel_len[doc], *hp)
-  weights = idf[term] * present - absent[term]
+  weights = np.asarray(idf[term] * present - absent[term], np.float32)
+  # The frequent terms: dense rows (ascending term id), out of the posting lists.
+  dense_terms = np.flatnonzero((df > 0) & (df >= config.dense_min_df * num_docs))
+  dense_row = np.full((vocab_size,), -1, np.int32)
+  dense_row[dense_terms] = np.arange(len(dense_terms), dtype=np.int32)
+  dense_weights = np.zeros((len(dense_terms), num_docs), np.float32)
+  in_dense = dense_row[term] >= 0
+  dense_weights[dense_row[term[in_dense]], doc[in_dense]] = weights[in_dense]
+  term, doc, weights = term[~in_dense], doc[~in_dense], weights[~in_dense]
+  df = np.where(dense_row >= 0, 0, df)
   starts = np.concatenate([[0], np.cumsum(df)]).astype(np.int32)
   return SparseBM25Index(
       starts=jnp.asarray(starts), docs=jnp.asarray(np.append(doc, 0).astype(np.int32)),
-      weights=jnp.concatenate([weights.astype(jnp.float32), jnp.zeros([1], jnp.float32)]),
-      absent=jnp.asarray(absent, jnp.float32), doc_len=jnp.asarray(doc_len))
+      weights=jnp.asarray(np.append(weights, np.float32(0))),
+      absent=jnp.asarray(absent, jnp.float32), doc_len=jnp.asarray(doc_len),
+      dense_row=jnp.asarray(dense_row), dense_weights=jnp.asarray(dense_weights))
 
 
 def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,
@@ -461,7 +490,9 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
   bm25s's loop): its tokens' posting lists are laid end to end and read `block` postings at a
   time by a `lax.fori_loop` of the query's own length (`searchsorted` on the cumulative list
   lengths gives each posting's token), gathered and scatter-added into the row. The work is
-  the query terms' document frequencies, not V x M, and no query waits for another.
+  the query terms' document frequencies, not V x M, and no query waits for another. The terms
+  with a dense row (`BM25Config.dense_min_df`) are added first, for all queries at once, as
+  a `[Q, H]` count matrix times the `[H, M]` rows.
 
   Args:
     index: `SparseBM25Index`.
@@ -473,6 +504,13 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
   Returns:
     [Q, M] float32 scores, equal to `bm25_scores` of the dense index (float32 rounding).
   """
+  return _sparse_rows(index, query_tokens, query_mask, ignore_ids, block, lambda row: row)
+
+
+def _sparse_rows(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,
+                 ignore_ids: Sequence[int], block: int, finish: Callable[[jax.Array], Any]):
+  """`finish(scores [M])` of each query, stacked (`lax.map`): `sparse_bm25_scores`' loop, with
+  what is kept of a query's row applied while the row is still in cache."""
   ignore_ids = _check_ignore_ids(ignore_ids)
   block = _check_block(block)
   query_tokens = jnp.asarray(query_tokens)
@@ -481,16 +519,22 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
     raise ValueError(
         f"query_tokens and query_mask must both be [Q, L], got {query_tokens.shape} and "
         f"{query_mask.shape}")
-  vocab_size, num_docs = index.absent.shape[0], index.doc_len.shape[0]
+  vocab_size = index.absent.shape[0]
   valid = _valid_terms(query_tokens, query_mask, vocab_size, ignore_ids)   # [Q, L]
   term = jnp.where(valid, query_tokens, 0)
   lo = jnp.where(valid, index.starts[term], 0)                              # [Q, L]
   size = jnp.where(valid, index.starts[term + 1] - lo, 0)
   base = jnp.sum(jnp.where(valid, index.absent[term], 0.0), axis=1)        # [Q]
   last = index.docs.shape[0] - 1
+  num_dense = index.dense_weights.shape[0]
+  row = jnp.where(valid, index.dense_row[term], -1)                         # [Q, L]
+  counts = jnp.sum(row[..., None] == jnp.arange(num_dense), axis=1)         # [Q, H]
+  frequent = jnp.matmul(counts.astype(jnp.float32), index.dense_weights,
+                        precision=jax.lax.Precision.HIGHEST)                # [Q, M]
+  start_rows = base[:, None] + frequent                                     # [Q, M]
 
   def one_query(args):
-    lo, size, base = args                                                   # [L], [L], []
+    lo, size, start_row = args                                              # [L], [L], [M]
     ends = jnp.cumsum(size)
     total = ends[-1]
 
@@ -500,10 +544,9 @@ def sparse_bm25_scores(index: SparseBM25Index, query_tokens: jax.Array, query_ma
       at = jnp.clip(lo[tok] + pos - (ends[tok] - size[tok]), 0, last)
       return scores.at[index.docs[at]].add(jnp.where(pos < total, index.weights[at], 0.0))
 
-    return jax.lax.fori_loop(0, (total + block - 1) // block, step,
-                             jnp.full((num_docs,), base, jnp.float32))
+    return finish(jax.lax.fori_loop(0, (total + block - 1) // block, step, start_row))
 
-  return jax.lax.map(one_query, (lo, size, base))
+  return jax.lax.map(one_query, (lo, size, start_rows))
 
 
 def sparse_bm25_search(index: SparseBM25Index, query_tokens: jax.Array, query_mask: jax.Array,
@@ -518,7 +561,6 @@ def sparse_bm25_search(index: SparseBM25Index, query_tokens: jax.Array, query_ma
   num_docs = index.doc_len.shape[0]
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_docs:
     raise ValueError(f"k must be an int in [1, M={num_docs}], got {k!r}")
-  scores = sparse_bm25_scores(index, query_tokens, query_mask, ignore_ids=ignore_ids,
-                              block=block)
-  scores, ids = jax.lax.top_k(scores, int(k))
+  scores, ids = _sparse_rows(index, query_tokens, query_mask, ignore_ids, block,
+                             lambda row: jax.lax.top_k(row, int(k)))
   return ids.astype(jnp.int32), scores

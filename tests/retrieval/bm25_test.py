@@ -1,6 +1,7 @@
 """Tests for jaxsearch.retrieval.bm25: parity with bm25s, hand values, ignore ids, top-k."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from absl.testing import absltest
@@ -102,17 +103,28 @@ class BM25ParityTest(parameterized.TestCase):
     index = _jit_build(corpus, VOCAB, config, IGNORE)
     tokens, mask = _pad_queries(queries)
     got = np.asarray(_jit_scores(index, _jit_bag(tokens, mask, VOCAB, IGNORE)))
-    sparse = bm25.build_sparse_bm25_index(corpus, VOCAB, config, ignore_ids=IGNORE)
+    # Posting lists only (dense_min_df > 1), and with the frequent terms as dense rows.
+    postings = bm25.build_sparse_bm25_index(
+        corpus, VOCAB, dataclasses.replace(config, dense_min_df=2.0), ignore_ids=IGNORE)
+    hybrid = bm25.build_sparse_bm25_index(
+        corpus, VOCAB, dataclasses.replace(config, dense_min_df=0.1), ignore_ids=IGNORE)
     # Block 3 splits the frequent terms' posting lists over several loop steps.
     got_sparse = [np.asarray(_jit_sparse_scores(sparse, tokens, mask, ignore_ids=IGNORE,
-                                                block=block)) for block in (3, 256)]
+                                                block=block))
+                  for sparse in (postings, hybrid) for block in (3, 256)]
 
     chex.assert_shape(got, (len(queries), len(docs)))
     self.assertGreater(np.count_nonzero(want), 50)   # the comparison is not vacuous
     for scores in (got, *got_sparse):
       np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
-    # The index holds one posting per (term, document) pair: bm25s's non-zeros.
-    self.assertEqual(sparse.docs.shape[0] - 1, sum(len(set(_strip(d))) for d in docs))
+    # The index holds one posting per (term, document) pair: bm25s's non-zeros; with dense
+    # rows, those of the other terms.
+    pairs = [set(_strip(d)) for d in docs]
+    self.assertEqual(postings.docs.shape[0] - 1, sum(len(p) for p in pairs))
+    self.assertEqual(postings.dense_weights.shape, (0, len(docs)))
+    dense_terms = set(np.flatnonzero(np.asarray(hybrid.dense_row) >= 0).tolist())
+    self.assertNotEmpty(dense_terms)
+    self.assertEqual(hybrid.docs.shape[0] - 1, sum(len(p - dense_terms) for p in pairs))
 
   def test_topk_scores_match_bm25s_retrieve(self):
     rng = np.random.default_rng(1)
@@ -141,19 +153,33 @@ class SparseBM25Test(absltest.TestCase):
     # 3 docs over terms {5, 6, 7}; lucene idf = log(1 + (N - df + .5) / (df + .5)), tf part
     # tf / (tf + k1 (1 - b + b len / avg)).
     docs = [[5, 6, 6], [6, 7], [7, 7, 7, 5, 0]]           # 0 is ignored (and not counted)
-    index = bm25.build_sparse_bm25_index(bm25.tokenize_corpus(docs, pad_id=9), 10,
+    corpus = bm25.tokenize_corpus(docs, pad_id=9)
+    index = bm25.build_sparse_bm25_index(corpus, 10, bm25.BM25Config(dense_min_df=2.0),
                                          ignore_ids=(0,))
     np.testing.assert_array_equal(index.starts, [0, 0, 0, 0, 0, 0, 2, 4, 6, 6, 6])
     np.testing.assert_array_equal(index.docs[:-1], [0, 2, 0, 1, 1, 2])      # term-major
     np.testing.assert_array_equal(index.doc_len, [3, 2, 4])
+    np.testing.assert_array_equal(index.dense_row, [-1] * 10)
     idf = lambda df: np.log(1 + (3 - df + 0.5) / (df + 0.5))
     tfc = lambda tf, n: tf / (tf + 1.5 * (0.25 + 0.75 * n / 3.0))
-    want = idf(2) * tfc(2, 3) + idf(2) * tfc(1, 3)         # doc 0 for the query [6, 5]
-    scores = _jit_sparse_scores(index, jnp.array([[6, 5, 0]]), jnp.array([[1, 1, 1]], bool),
-                                ignore_ids=(0,), block=1)
-    np.testing.assert_allclose(scores[0, 0], want, rtol=1e-6)
-    np.testing.assert_allclose(scores[0, 1], idf(2) * tfc(1, 2), rtol=1e-6)
-    np.testing.assert_allclose(scores[0, 2], idf(2) * tfc(1, 4), rtol=1e-6)
+    want = [idf(2) * tfc(2, 3) + idf(2) * tfc(1, 3),       # doc 0 for the query [6, 5]
+            idf(2) * tfc(1, 2), idf(2) * tfc(1, 4)]
+    query, query_mask = jnp.array([[6, 5, 0]]), jnp.array([[1, 1, 1]], bool)
+    scores = _jit_sparse_scores(index, query, query_mask, ignore_ids=(0,), block=1)
+    np.testing.assert_allclose(scores[0], want, rtol=1e-6)
+    # Terms in >= 2/3 of the documents as dense rows: 5, 6, 7 (df 2 each), no postings left.
+    hybrid = bm25.build_sparse_bm25_index(corpus, 10, bm25.BM25Config(dense_min_df=0.6),
+                                          ignore_ids=(0,))
+    np.testing.assert_array_equal(hybrid.starts, [0] * 11)
+    np.testing.assert_array_equal(hybrid.dense_row, [-1] * 5 + [0, 1, 2] + [-1] * 2)
+    np.testing.assert_allclose(hybrid.dense_weights[1],                     # term 6
+                               [idf(2) * tfc(2, 3), idf(2) * tfc(1, 2), 0], rtol=1e-6)
+    scores = _jit_sparse_scores(hybrid, query, query_mask, ignore_ids=(0,), block=1)
+    np.testing.assert_allclose(scores[0], want, rtol=1e-6)
+    # At 0.7 no term is frequent enough.
+    none = bm25.build_sparse_bm25_index(corpus, 10, bm25.BM25Config(dense_min_df=0.7),
+                                        ignore_ids=(0,))
+    self.assertEqual(none.dense_weights.shape, (0, 3))
 
   def test_equals_dense_search_on_a_zipf_corpus(self):
     rng = np.random.default_rng(3)
@@ -167,10 +193,13 @@ class SparseBM25Test(absltest.TestCase):
       config = bm25.BM25Config(method=method)
       dense_ids, dense_scores = _jit_search(_jit_build(corpus, VOCAB, config, IGNORE),
                                             _jit_bag(tokens, mask, VOCAB, IGNORE), k=8)
-      sparse = bm25.build_sparse_bm25_index(corpus, VOCAB, config, ignore_ids=IGNORE)
+      sparse = bm25.build_sparse_bm25_index(
+          corpus, VOCAB, dataclasses.replace(config, dense_min_df=2.0), ignore_ids=IGNORE)
       self.assertGreater(int(sparse.starts[3 + 1] - sparse.starts[3]), 200)   # a long list
-      for block in (1, 16, 1024):
-        ids, scores = _jit_sparse_search(sparse, tokens, mask, k=8, ignore_ids=IGNORE,
+      hybrid = bm25.build_sparse_bm25_index(corpus, VOCAB, config, ignore_ids=IGNORE)
+      self.assertGreaterEqual(int(hybrid.dense_row[3]), 0)   # the same term, a dense row
+      for index, block in ((sparse, 1), (sparse, 16), (sparse, 1024), (hybrid, 16)):
+        ids, scores = _jit_sparse_search(index, tokens, mask, k=8, ignore_ids=IGNORE,
                                          block=block)
         np.testing.assert_allclose(scores, dense_scores, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(ids, dense_ids, err_msg=f"{method} block {block}")
@@ -190,6 +219,8 @@ class SparseBM25Test(absltest.TestCase):
       bm25.sparse_bm25_scores(index, jnp.array([[3]]), jnp.ones((1, 1), bool), block=0)
     with self.assertRaisesRegex(ValueError, "posting_block must be an int >= 1, got 0"):
       bm25.BM25Config(posting_block=0)
+    with self.assertRaisesRegex(ValueError, r"dense_min_df must be > 0 .*got 0"):
+      bm25.BM25Config(dense_min_df=0)
     with self.assertRaisesRegex(ValueError, r"query_tokens and query_mask must both be"):
       bm25.sparse_bm25_scores(index, jnp.array([[3]]), jnp.ones((1,), bool))
 
