@@ -38,7 +38,8 @@ from jaxsearch.models import lora as lora_lib
 from jaxsearch.models.lora import LoraConfig
 from jaxsearch.models.pretrained import load_pretrained
 from jaxsearch.models.transformer import (TokenScores, Transformer, TransformerConfig, init_cache,
-                                          make_decode_fn, stack_layer_params)
+                                          make_decode_fn, stack_layer_params,
+                                          unstack_layer_params)
 from jaxsearch.retrieval.bm25 import BM25Config
 from jaxsearch.retrieval.corpus import load_search_r1_corpus
 from jaxsearch.generative.search_tool import GenerativeSearch
@@ -631,7 +632,15 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
       top_k=config.rollout.top_k, special_ids=env.special_ids,
       bm25_posting_block=config.bm25.posting_block))
 
-  decode_fn = make_decode_fn(model)
+  # A scanned policy decodes with its layers unrolled (`RolloutConfig.unroll_layers`): the
+  # same parameters, sliced per layer once per rollout, and a cache updated in place.
+  decode_model, decode_params = model, lambda params: params
+  if model_config.scan_layers and config.rollout.unroll_layers:
+    unrolled = Transformer(dataclasses.replace(model_config, scan_layers=False))
+    decode_model = (unrolled if config.lora is None
+                    else lora_lib.lora_model(unrolled, config.lora))
+    decode_params = unstack_layer_params
+  decode_fn = make_decode_fn(decode_model)
 
   def rollout_fn_for(rollout_config: RolloutConfig):
     def init_cache_fn(batch, length):
@@ -639,7 +648,7 @@ def setup(config: RunConfig, *, tokenizer: Any | None = None) -> Experiment:
 
     fn = make_rollout_fn(rollout_config, env, decode_fn, init_cache_fn, retrieve_fn)
     return jax.jit(lambda params, tool, prompts, lens, rng: fn(
-        params, tool.index, tool.corpus, prompts, lens, rng))
+        decode_params(params), tool.index, tool.corpus, prompts, lens, rng))
 
   width = block_width(tool.corpus.tokens.shape[1], config.rollout.top_k, env)
 
