@@ -69,7 +69,8 @@ Output (stdout, and `--json OUT`): `{"device", "backend", "jax_version", "bm25s_
 "sizes", "max_passage_tokens", "max_query_tokens", "dense_max_gb", "smoke", "seed",
 "cpu_count", "load_average_1m", "tokenize_s", "wall_s", "rows", "ratios"}`. `rows`: one per
 (size, system, block) with `num_docs`, `system`, `block` (None for (b) / (c)),
-`mean_doc_tokens`, `mean_query_tokens`, `nnz`, `dense_rows` (a), `index_bytes`, `index_build_s`,
+`mean_doc_tokens`, `mean_query_tokens`, `nnz`, `dense_rows` and `dense_postings` (a: the
+(term, document) pairs its dense rows hold; with `nnz`, bm25s's non-zeros), `index_bytes`, `index_build_s`,
 `index_build_first_s`, `compile_s`, `search_s`, `search_all_s`, `qps` and the agreement
 fields. `ratios`: one per size, `sparse_best_block` (the block with the highest q/s),
 `sparse_over_bm25s_qps` (that block's q/s over bm25s's), `sparse_over_bm25s_bytes`, and where
@@ -287,6 +288,8 @@ def bench_size(num_docs: int, passages: Sequence[tuple[str, str]],
                         if isinstance(v, np.ndarray)))
   nnz = int(np.asarray(sparse.starts)[-1])
   dense_rows = int(sparse.dense_weights.shape[0])
+  # (term, document) pairs held by the dense rows (lucene weights are > 0 where a term occurs)
+  dense_postings = int(np.count_nonzero(np.asarray(sparse.dense_weights)))
 
   # ---- search programs, compiled ahead of time ----
   sparse_jit = jax.jit(bm25.sparse_bm25_search, static_argnames=("k", "ignore_ids", "block"))
@@ -332,6 +335,7 @@ def bench_size(num_docs: int, passages: Sequence[tuple[str, str]],
     name = f"sparse_{block}"
     rows.append({
         **common, "system": "jaxsearch_sparse", "block": block, "nnz": nnz, "dense_rows": dense_rows,
+        "dense_postings": dense_postings,
         "index_bytes": sparse_bytes, "index_build_s": statistics.median(warm_s[
             "jaxsearch_sparse"]), "index_build_first_s": first_s["jaxsearch_sparse"],
         "compile_s": compile_s[name], **speed(name),

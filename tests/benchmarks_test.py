@@ -583,11 +583,13 @@ class BM25SearchBenchmarkTest(absltest.TestCase):
         self.assertLessEqual(r["max_rel_score_diff"], 1e-4)
     for m in (200, 1000):
       sparse, ref, dense = [r for r in rows if r["num_docs"] == m]
-      # One posting per (term, document) pair, as bm25s's non-zeros; 8 bytes each + 8 V + 4 M.
-      self.assertEqual(sparse["nnz"], ref["nnz"])
+      # One (term, document) pair per posting or dense-row entry, as bm25s's non-zeros: 8
+      # bytes per posting, 4 M per dense row, + 12 V + 4 M.
+      self.assertGreater(sparse["dense_rows"], 0)     # the subword stop-words
+      self.assertEqual(sparse["nnz"] + sparse["dense_postings"], ref["nnz"])
       self.assertEqual(sparse["index_bytes"],
                        8 * (sparse["nnz"] + 1) + 4 * (result["vocab_size"] + 1)
-                       + 4 * result["vocab_size"] + 4 * m)
+                       + 8 * result["vocab_size"] + 4 * m + 4 * sparse["dense_rows"] * m)
       self.assertEqual(dense["index_bytes"], 4 * result["vocab_size"] * m)
       self.assertBetween(sparse["live_posting_fraction"], 0.0, 1.0)
       self.assertGreater(sparse["loop_steps_per_batch"], 0.0)
